@@ -1,0 +1,93 @@
+"""Path handling for Hadoop-style URIs (file:, s3a:, hdfs:, dbfs:) from Python code.
+
+Spark reads and writes the data itself; these helpers cover the small files Python touches
+(manifest, model bundle, summaries) and are usable on executors, where there is no JVM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from urllib.parse import urlparse
+
+import fsspec
+
+
+def to_url(path: str) -> str:
+    """Plain local paths -> absolute ``file://`` URLs (what Petastorm and Spark expect)."""
+    if not path:
+        return path
+    scheme = urlparse(path).scheme
+    if scheme in ("", "file"):
+        local = path[len("file:"):] if path.startswith("file:") else path
+        local = "/" + local.lstrip("/") if path.startswith("file:") else os.path.abspath(local)
+        return "file://" + os.path.abspath(local)
+    return path
+
+
+def _fsspec_url(url: str) -> str:
+    # s3a/s3n are Hadoop names for s3; on Databricks dbfs:/x is mounted at /dbfs/x.
+    scheme = urlparse(url).scheme
+    if scheme in ("s3a", "s3n"):
+        return "s3" + url[len(scheme):]
+    if scheme == "dbfs":
+        return "/dbfs/" + url[len("dbfs:"):].lstrip("/")
+    return url
+
+
+def fs_and_path(url: str):
+    fs, path = fsspec.core.url_to_fs(_fsspec_url(to_url(url)))
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def exists(url: str) -> bool:
+    fs, path = fs_and_path(url)
+    return fs.exists(path)
+
+
+def local_path(url: str) -> str | None:
+    """The local filesystem path for a file:// URL, else None."""
+    u = to_url(url)
+    return u[len("file://"):] if u.startswith("file://") else None
+
+
+def read_text(url: str) -> str:
+    fs, path = fs_and_path(url)
+    with fs.open(path, "r", encoding="utf-8") as fh:
+        return fh.read()
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    """Write via a temp file then rename, so readers never see half a file."""
+    fs, path = fs_and_path(url)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with fs.open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    fs.mv(tmp, path)
+
+
+def sha256_and_size(url: str) -> tuple[str, int]:
+    fs, path = fs_and_path(url)
+    h = hashlib.sha256()
+    size = 0
+    with fs.open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def expand(url: str) -> list[str]:
+    """A file, a directory (its files) or a glob -> sorted file URLs."""
+    fs, path = fs_and_path(url)
+    if fs.isdir(path):
+        files = [p for p in fs.find(path) if not os.path.basename(p).startswith(("_", "."))]
+    else:
+        files = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return sorted(to_url(p) if proto in ("file", "local") else f"{proto}://{p}" for p in files)

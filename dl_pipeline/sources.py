@@ -1,0 +1,272 @@
+"""Readers: raw datasets -> one "raw frame" shape, every input row present exactly once.
+
+Raw frame columns (all sources)::
+
+    origin      string   "train" or "test" (which configured input the row came from)
+    source_file string   URI of the file
+    row_number  long     1-based record number within the file (CSV records, idx items); null
+                         for image folders, where source_file names the image
+    label_raw   string   the label as written (text: "3"; image folder: the class folder name)
+    parts       array<string>  text fields in order (title, body, ...); null for images
+    content     binary   decoded pixels (images); null for text
+    raw         string   the record as read, for the rejects table
+    reason      string   null, or why the row is already rejected (malformed record, ...)
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from dl_pipeline import fsutil
+from dl_pipeline.config import DataConfig
+from dl_pipeline.errors import UserError
+
+RAW_COLUMNS = ("origin", "source_file", "row_number", "label_raw", "parts", "content", "raw", "reason")
+
+
+def _check_inputs(path: str, key: str) -> list[str]:
+    files = fsutil.expand(path)
+    if not files:
+        raise UserError(f"{key}={path}: no such file or directory; fix the path (Hadoop URIs like s3a:// work too)")
+    return files
+
+
+def _with_row_numbers(spark, df):
+    """Add exact 1-based record numbers per file without collecting the data.
+
+    Within one scan task rows arrive in file order and ``monotonically_increasing_id`` counts
+    them; a file split over several tasks has its splits in task order. So one small aggregate
+    (rows and first id per file and task) gives each task's offset within its file.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    df = df.withColumn("source_file", F.input_file_name()).withColumn("_pid", F.spark_partition_id()).withColumn(
+        "_mid", F.monotonically_increasing_id()
+    )
+    stats = df.groupBy("source_file", "_pid").agg(F.count(F.lit(1)).alias("_n"), F.min("_mid").alias("_first"))
+    w = Window.partitionBy("source_file").orderBy("_pid").rowsBetween(Window.unboundedPreceding, -1)
+    offsets = stats.withColumn("_offset", F.coalesce(F.sum("_n").over(w), F.lit(0))).drop("_n")
+    return (
+        df.join(F.broadcast(offsets), ["source_file", "_pid"])
+        .withColumn("row_number", F.col("_offset") + F.col("_mid") - F.col("_first") + 1)
+        .drop("_pid", "_mid", "_first", "_offset")
+    )
+
+
+def read_text(spark, path: str, origin: str, data: DataConfig):
+    """Zhang CSV (label + 1..3 text fields, no header) or named CSV/JSON/Parquet -> raw frame."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType, StructField, StructType
+
+    _check_inputs(path, f"data.{origin}_path")
+    url = fsutil.to_url(path)
+    if data.format == "zhang_csv":
+        names = ["label"] + [f"f{i}" for i in range(1, data.num_fields)]
+        schema = StructType([StructField(n, StringType()) for n in names] + [StructField("_corrupt", StringType())])
+        df = (
+            spark.read.schema(schema)
+            .option("mode", "PERMISSIVE")
+            .option("columnNameOfCorruptRecord", "_corrupt")
+            .option("multiLine", data.multiline)
+            .option("escape", '"')
+            .option("encoding", data.encoding)
+            .csv(url)
+        )
+        label_col, text_cols = "label", names[1:]
+    else:
+        label_col, text_cols = data.label_column, list(data.text_columns)
+        reader = spark.read
+        if data.format == "csv":
+            reader = reader.option("header", True).option("multiLine", data.multiline).option("escape", '"')
+        if data.format in ("csv", "json"):
+            reader = reader.option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", "_corrupt")
+            reader = reader.option("encoding", data.encoding)
+        df = reader.format(data.format).load(url)
+        missing = [c for c in [label_col, *text_cols] if c not in df.columns]
+        if missing:
+            raise UserError(
+                f"{path}: column(s) {', '.join(missing)} not found (have: {', '.join(c for c in df.columns if c != '_corrupt')}); "
+                "set data.label_column / data.text_columns"
+            )
+        if "_corrupt" not in df.columns:
+            df = df.withColumn("_corrupt", F.lit(None).cast("string"))
+        df = df.select(F.col(label_col).cast("string").alias("label"), *[F.col(c).cast("string") for c in text_cols], "_corrupt")
+    # Spark refuses a query that reads only the corrupt-record column; we read them all.
+    df = _with_row_numbers(spark, df)
+    parts = F.array(*[F.col(c) for c in text_cols])
+    raw = F.coalesce(F.col("_corrupt"), F.to_csv(F.struct(F.col("label"), *[F.col(c) for c in text_cols])))
+    return df.select(
+        F.lit(origin).alias("origin"),
+        "source_file",
+        "row_number",
+        F.col("label").alias("label_raw"),
+        F.when(F.col("_corrupt").isNull(), parts).alias("parts"),
+        F.lit(None).cast("binary").alias("content"),
+        raw.alias("raw"),
+        F.when(F.col("_corrupt").isNotNull(), F.lit("malformed_record")).alias("reason"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# idx (MNIST / Fashion-MNIST)
+# ---------------------------------------------------------------------------------------------
+
+IDX_IMAGES_MAGIC = 2051
+IDX_LABELS_MAGIC = 2049
+
+
+def _open_maybe_gzip(url: str):
+    fs, path = fsutil.fs_and_path(url)
+    fh = fs.open(path, "rb")
+    head = fh.read(2)
+    fh.seek(0)
+    return gzip.GzipFile(fileobj=fh) if head == b"\x1f\x8b" else fh
+
+
+def idx_header(url: str) -> tuple[int, ...]:
+    """Read and validate an idx header: (magic, count[, rows, cols])."""
+    with _open_maybe_gzip(url) as fh:
+        head = fh.read(16)
+    if len(head) < 8:
+        raise UserError(f"{url}: too short to be an idx file")
+    magic, count = struct.unpack(">II", head[:8])
+    if magic == IDX_IMAGES_MAGIC:
+        if len(head) < 16:
+            raise UserError(f"{url}: truncated idx image header")
+        return (magic, count, *struct.unpack(">II", head[8:16]))
+    if magic == IDX_LABELS_MAGIC:
+        return (magic, count)
+    raise UserError(f"{url}: idx magic number {magic}, expected {IDX_IMAGES_MAGIC} (images) or {IDX_LABELS_MAGIC} (labels)")
+
+
+def parse_idx(data: bytes) -> np.ndarray:
+    """idx bytes (optionally gzip) -> uint8 array [count] (labels) or [count, rows, cols]."""
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    magic, count = struct.unpack(">II", data[:8])
+    if magic == IDX_LABELS_MAGIC:
+        return np.frombuffer(data, dtype=np.uint8, count=count, offset=8)
+    rows, cols = struct.unpack(">II", data[8:16])
+    return np.frombuffer(data, dtype=np.uint8, count=count * rows * cols, offset=16).reshape(count, rows, cols)
+
+
+def read_idx(spark, images_path: str, labels_path: str, origin: str, data: DataConfig):
+    """idx image + label files -> raw frame. Decoded on executors from Spark's binaryFile rows."""
+    from pyspark.sql import functions as F
+
+    key = f"data.{origin}_path"
+    if not labels_path:
+        raise UserError(f"data.{origin}_labels_path is required with data.kind=idx (the *-labels-idx1-ubyte file)")
+    img_url, lbl_url = _check_inputs(images_path, key)[0], _check_inputs(labels_path, f"data.{origin}_labels_path")[0]
+    ih, lh = idx_header(img_url), idx_header(lbl_url)
+    if ih[0] != IDX_IMAGES_MAGIC or lh[0] != IDX_LABELS_MAGIC:
+        raise UserError(f"{key}: expected an images file then a labels file; swap data.{origin}_path and _labels_path")
+    if ih[1] != lh[1]:
+        raise UserError(f"{images_path} has {ih[1]} images but {labels_path} has {lh[1]} labels; use matching files")
+    if data.image_channels != 1:
+        raise UserError("idx images are grey: set data.image_channels=1")
+    out_schema = "idx long, payload binary, source_file string"
+
+    def explode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            for path, blob in zip(pdf["path"], pdf["content"]):
+                arr = parse_idx(bytes(blob))
+                flat = arr.reshape(arr.shape[0], -1)
+                for start in range(0, flat.shape[0], 4096):
+                    chunk = flat[start : start + 4096]
+                    yield pd.DataFrame(
+                        {
+                            "idx": np.arange(start, start + chunk.shape[0], dtype=np.int64),
+                            "payload": [row.tobytes() for row in chunk],
+                            "source_file": path,
+                        }
+                    )
+
+    images = spark.read.format("binaryFile").load(img_url).mapInPandas(explode, out_schema)
+    labels = spark.read.format("binaryFile").load(lbl_url).mapInPandas(explode, out_schema)
+    labels = labels.select("idx", F.conv(F.hex("payload"), 16, 10).alias("label_raw"))
+    h, w = ih[2], ih[3]
+    if (h, w) != (data.image_height, data.image_width):
+        raise UserError(f"{images_path}: images are {h}x{w}; set data.image_height={h} data.image_width={w}")
+    return images.join(labels, "idx").select(
+        F.lit(origin).alias("origin"),
+        "source_file",
+        (F.col("idx") + 1).alias("row_number"),
+        "label_raw",
+        F.lit(None).cast("array<string>").alias("parts"),
+        F.col("payload").alias("content"),
+        F.concat(F.lit("idx item "), F.col("idx").cast("string")).alias("raw"),
+        F.lit(None).cast("string").alias("reason"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+# ---------------------------------------------------------------------------------------------
+
+
+def read_image_folder(spark, path: str, origin: str, data: DataConfig):
+    """<path>/<class>/<image>.{png,jpg,jpeg} -> raw frame, decoded and resized on executors."""
+    from pyspark.sql import functions as F
+
+    from dl_pipeline.features import decode_image, image_spec
+
+    _check_inputs(path, f"data.{origin}_path")
+    spec = image_spec(data)
+    files = (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", True)
+        .option("pathGlobFilter", "*.{png,PNG,jpg,JPG,jpeg,JPEG}")
+        .load(fsutil.to_url(path))
+        .select("path", "content")
+    )
+
+    def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            pixels, reasons = [], []
+            for blob in pdf["content"]:
+                try:
+                    pixels.append(decode_image(bytes(blob), spec).tobytes())
+                    reasons.append(None)
+                except ValueError:
+                    pixels.append(None)
+                    reasons.append("undecodable_image")
+            yield pd.DataFrame({"path": pdf["path"], "pixels": pixels, "reason": reasons})
+
+    decoded = files.mapInPandas(decode, "path string, pixels binary, reason string")
+    return decoded.select(
+        F.lit(origin).alias("origin"),
+        F.col("path").alias("source_file"),
+        F.lit(None).cast("long").alias("row_number"),
+        F.regexp_extract("path", r"([^/]+)/[^/]+$", 1).alias("label_raw"),
+        F.lit(None).cast("array<string>").alias("parts"),
+        F.col("pixels").alias("content"),
+        F.col("path").alias("raw"),
+        "reason",
+    )
+
+
+def read_raw(spark, data: DataConfig):
+    """All configured inputs (train, and test if given) as one raw frame."""
+    frames = []
+    for origin, path, labels in (("train", data.train_path, data.train_labels_path), ("test", data.test_path, data.test_labels_path)):
+        if not path:
+            if origin == "train":
+                raise UserError("data.train_path is not set: pass --set data.train_path=... or set it in the config file")
+            continue
+        if data.kind == "text":
+            frames.append(read_text(spark, path, origin, data))
+        elif data.kind == "idx":
+            frames.append(read_idx(spark, path, labels, origin, data))
+        else:
+            frames.append(read_image_folder(spark, path, origin, data))
+    out = frames[0]
+    for f in frames[1:]:
+        out = out.unionByName(f)
+    return out

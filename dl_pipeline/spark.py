@@ -1,0 +1,58 @@
+"""One SparkSession factory for every entry point.
+
+Under spark-submit or on Databricks a session already exists and is reused untouched (its
+cluster settings belong to the cluster). Otherwise a local session is started, bound to
+loopback so a laptop or CI machine never opens a port on another address.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from dl_pipeline.config import SparkConfig
+
+# Settings for a session we start ourselves. Arrow makes pandas_udf / toPandas columnar.
+_LOCAL_DEFAULTS = {
+    "spark.driver.host": "127.0.0.1",
+    "spark.driver.bindAddress": "127.0.0.1",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.session.timeZone": "UTC",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.shuffle.partitions": "8",
+    # Scoring overwrites one dt=... partition per run, never the whole table.
+    "spark.sql.sources.partitionOverwriteMode": "dynamic",
+    "spark.driver.memory": "2g",
+}
+
+
+def active_session():
+    """Return the already-running SparkSession (spark-submit, Databricks, tests) or None."""
+    from pyspark.sql import SparkSession
+
+    return SparkSession.getActiveSession()
+
+
+def get_spark(cfg: SparkConfig | None = None):
+    """Return the active SparkSession, or start one from ``cfg`` bound to 127.0.0.1."""
+    from pyspark.sql import SparkSession
+
+    existing = active_session()
+    if existing is not None:
+        return existing
+    cfg = cfg or SparkConfig()
+    master = cfg.master
+    # Keep the JVM and Python workers on loopback; an inherited value wins (cluster launchers).
+    if master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        # Executors must run the same interpreter (and venv) as the driver.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.master(master).appName(cfg.app_name)
+    settings = dict(_LOCAL_DEFAULTS) if master.startswith("local") else {}
+    settings.update(cfg.conf)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
