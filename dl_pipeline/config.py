@@ -92,7 +92,7 @@ class FeaturesConfig:
     alphabet: str = "abcdefghijklmnopqrstuvwxyz0123456789-,;.!?:'\"/\\|_@#$%^&*~`+-=<>()[]{}\n"
     reverse_chars: bool = True
     tokens: bool = True
-    hash_buckets: int = 1 << 18
+    hash_buckets: int = 1 << 17
     ngrams: int = 2
     max_tokens: int = 256
 
@@ -134,7 +134,7 @@ class ModelConfig:
     """Model choice and sizes; the number of classes comes from the prepared dataset."""
 
     name: str = "fasttext"
-    embed_dim: int = 64
+    embed_dim: int = 32
     char_cnn_size: str = "small"
     dropout: float = 0.5
 
@@ -190,6 +190,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class HorovodConfig:
     start_timeout_s: int = 120
+    hosts: str = ""
+    nics: tuple[str, ...] = ()
     fp16_allreduce: bool = False
     verbose: int = 0
 

@@ -1,0 +1,95 @@
+"""Model bundle: what train writes and score reads. Loading it runs no pickled code.
+
+``<run_dir>/model/``::
+
+    model.safetensors   weights
+    model.json          model spec (name, sizes, num_classes) -> models.build_model
+    featurizer.json     the prepared dataset's featurizer spec (train/serve parity)
+    labels.json         {"label_base": 1, "names": [...]}
+    metrics.json        final val/test metrics
+    versions.json       library versions and the model version string
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from dl_pipeline import fsutil
+from dl_pipeline.errors import UserError
+
+FILES = ("model.safetensors", "model.json", "featurizer.json", "labels.json", "metrics.json", "versions.json")
+
+
+@dataclass
+class Bundle:
+    model: Any  # torch.nn.Module, eval mode
+    model_spec: dict[str, Any]
+    featurizer: dict[str, Any]
+    labels: dict[str, Any]
+    metrics: dict[str, Any]
+    versions: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return self.versions["model_version"]
+
+
+def save_bundle(path: str, model, model_spec: dict, featurizer: dict, labels: dict, metrics: dict) -> str:
+    """Write the bundle to ``path`` (local dir) atomically: a temp dir renamed into place."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = fsutil.local_path(path) or path
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".model-", dir=parent)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "model.safetensors"), "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()[:12]
+    versions = {
+        "model_version": f"{model_spec['name']}-{digest}",
+        "dl_pipeline": __import__("dl_pipeline").__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    for name, doc in (("model.json", model_spec), ("featurizer.json", featurizer), ("labels.json", labels),
+                      ("metrics.json", metrics), ("versions.json", versions)):
+        with open(os.path.join(tmp, name), "w") as fh:
+            json.dump(doc, fh, indent=2, sort_keys=True)
+    if os.path.exists(path):
+        old = f"{path}.old-{os.getpid()}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    return path
+
+
+def load_bundle(path: str, device: str = "cpu") -> Bundle:
+    """Rebuild the model from model.json and load safetensors weights; eval mode."""
+    from safetensors.torch import load
+
+    from dl_pipeline.models import build_model
+
+    url = fsutil.to_url(path)
+    missing = [f for f in FILES if not fsutil.exists(fsutil.join(url, f))]
+    if missing:
+        raise UserError(f"{path}: not a model bundle (missing {', '.join(missing)}); point score.model_path at <train.run_dir>/model")
+    docs = {f: json.loads(fsutil.read_text(fsutil.join(url, f))) for f in FILES if f.endswith(".json")}
+    fs, p = fsutil.fs_and_path(fsutil.join(url, "model.safetensors"))
+    with fs.open(p, "rb") as fh:
+        state = load(fh.read())
+    model = build_model(docs["model.json"])
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return Bundle(model, docs["model.json"], docs["featurizer.json"], docs["labels.json"], docs["metrics.json"], docs["versions.json"])

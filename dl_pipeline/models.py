@@ -1,0 +1,106 @@
+"""Models, built from a JSON-able spec so a bundle can rebuild them without pickled code.
+
+Each model takes the batch dict produced by the data loader and reads its own feature:
+  * ``fasttext``  tokens int64 [B, T] (0 = pad)        -> logits [B, K]   (Joulin et al. 2017)
+  * ``char_cnn``  chars  int64 [B, L] (0 = unknown/pad) -> logits [B, K]   (Zhang et al. 2015)
+  * ``cnn``       image  uint8 [B, H, W, C]             -> logits [B, K]   (LeNet-5 style)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FEATURE_OF = {"fasttext": "tokens", "char_cnn": "chars", "cnn": "image"}
+
+
+class FastText(nn.Module):
+    def __init__(self, num_buckets: int, embed_dim: int, num_classes: int):
+        super().__init__()
+        # +1: index 0 is padding, excluded from the bag mean.
+        self.embedding = nn.EmbeddingBag(num_buckets + 1, embed_dim, mode="mean", padding_idx=0)
+        self.fc = nn.Linear(embed_dim, num_classes)
+        nn.init.uniform_(self.embedding.weight, -1.0 / embed_dim, 1.0 / embed_dim)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fc(self.embedding(batch["tokens"].long()))
+
+
+class CharCNN(nn.Module):
+    """6 convolutions + 3 fully-connected layers over one-hot characters (Zhang et al. 2015)."""
+
+    def __init__(self, alphabet_size: int, length: int, num_classes: int, size: str = "small", dropout: float = 0.5):
+        super().__init__()
+        feat, fc = (256, 1024) if size == "small" else (1024, 2048)
+        self.alphabet_size = alphabet_size
+        self.convs = nn.Sequential(
+            nn.Conv1d(alphabet_size, feat, 7), nn.ReLU(), nn.MaxPool1d(3),
+            nn.Conv1d(feat, feat, 7), nn.ReLU(), nn.MaxPool1d(3),
+            nn.Conv1d(feat, feat, 3), nn.ReLU(),
+            nn.Conv1d(feat, feat, 3), nn.ReLU(),
+            nn.Conv1d(feat, feat, 3), nn.ReLU(),
+            nn.Conv1d(feat, feat, 3), nn.ReLU(), nn.MaxPool1d(3),
+        )
+        out_len = (length - 96) // 27
+        if out_len < 1:
+            raise ValueError(f"char_cnn needs features.char_length >= 123, got {length}")
+        self.fc = nn.Sequential(
+            nn.Linear(out_len * feat, fc), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(fc, fc), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(fc, num_classes),
+        )
+        for m in self.modules():  # Gaussian init as in the paper
+            if isinstance(m, (nn.Conv1d, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, 0.02 if size == "small" else 0.05)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        chars = batch["chars"].long()
+        x = F.one_hot(chars, self.alphabet_size + 1)[..., 1:].transpose(1, 2).float()  # [B, A, L]
+        return self.fc(self.convs(x).flatten(1))
+
+
+class LeNet(nn.Module):
+    def __init__(self, channels: int, height: int, width: int, num_classes: int, dropout: float = 0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.fc = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout * 0.5), nn.Linear(64 * (height // 4) * (width // 4), 256), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(256, num_classes),
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["image"].permute(0, 3, 1, 2).float() / 255.0  # [B, C, H, W] in [0, 1]
+        return self.fc(self.features(x))
+
+
+def model_spec(name: str, featurizer: dict[str, Any], num_classes: int, embed_dim: int, char_cnn_size: str, dropout: float) -> dict[str, Any]:
+    """Everything needed to rebuild the model: stored as the bundle's model.json."""
+    spec: dict[str, Any] = {"name": name, "num_classes": num_classes, "dropout": dropout}
+    if name == "fasttext":
+        spec.update(num_buckets=featurizer["tokens"]["buckets"], embed_dim=embed_dim)
+    elif name == "char_cnn":
+        spec.update(alphabet_size=len(featurizer["chars"]["alphabet"]), length=featurizer["chars"]["length"], size=char_cnn_size)
+    else:
+        im = featurizer["image"]
+        spec.update(channels=im["channels"], height=im["height"], width=im["width"])
+    return spec
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    name, k = spec["name"], spec["num_classes"]
+    if name == "fasttext":
+        return FastText(spec["num_buckets"], spec["embed_dim"], k)
+    if name == "char_cnn":
+        return CharCNN(spec["alphabet_size"], spec["length"], k, spec["size"], spec["dropout"])
+    if name == "cnn":
+        return LeNet(spec["channels"], spec["height"], spec["width"], k, spec["dropout"])
+    raise ValueError(f"unknown model {name!r}")

@@ -1,0 +1,96 @@
+"""Pure training-loop pieces (no I/O, no Horovod): one epoch of steps, and evaluation sums.
+
+Shapes: batches are dicts of tensors with a leading batch dimension B; ``label`` is int64 [B].
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterator
+
+import torch
+from torch.nn import functional as F
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss became {value} at step {step}: lower train.lr or check the input features")
+        self.step = step
+
+
+def lr_at(step: int, base_lr: float, peak_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up from base to peak (Goyal et al. 2017), then constant."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return peak_lr
+    return base_lr + (peak_lr - base_lr) * step / warmup_steps
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[dict[str, torch.Tensor]],
+    steps: int,
+    first_step: int,
+    lr_for_step: Callable[[int], float],
+    device: torch.device,
+    on_step: Callable[[int, float, float, int], None] | None = None,
+) -> dict[str, float]:
+    """Run exactly ``steps`` optimizer steps from ``batches``; returns loss and timing sums.
+
+    ``first_step`` is the global step number of the first step (for LR schedule and logging).
+    ``data_s`` is time spent waiting for the next batch, ``step_s`` the whole step time.
+    """
+    model.train()
+    total_loss, samples, data_s, t_start = 0.0, 0, 0.0, time.perf_counter()
+    for i in range(steps):
+        step = first_step + i
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_s += time.perf_counter() - t0
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_for_step(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(batch), batch["label"].long())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLoss(step, value)
+        loss.backward()
+        optimizer.step()
+        n = int(batch["label"].shape[0])
+        total_loss += value * n
+        samples += n
+        if on_step is not None:
+            on_step(step, value, optimizer.param_groups[0]["lr"], n)
+    return {"loss_sum": total_loss, "samples": samples, "data_s": data_s, "step_s": time.perf_counter() - t_start}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, num_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Sums over ``batches`` (to be allreduced): loss_sum, correct, rows, confusion [K, K]."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.float64)
+    rows = torch.zeros((), dtype=torch.float64)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        labels = batch["label"].long()
+        logits = model(batch)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        pred = logits.argmax(dim=1)
+        correct += float((pred == labels).sum())
+        rows += labels.shape[0]
+        idx = (labels * num_classes + pred).cpu()
+        confusion += torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).double()
+    return {"loss_sum": loss_sum, "correct": correct, "rows": rows, "confusion": confusion}
+
+
+def summarize_eval(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    rows = float(sums["rows"])
+    return {
+        "accuracy": float(sums["correct"]) / rows if rows else float("nan"),
+        "loss": float(sums["loss_sum"]) / rows if rows else float("nan"),
+        "rows": int(rows),
+    }
