@@ -1,0 +1,226 @@
+"""score: idempotent, scheduled batch scoring with a model bundle.
+
+One run scores the rows of one date (``score.input_path`` may contain ``{date}``) and replaces
+exactly the ``dt=<run_date>`` partition of ``score.output_path`` (dynamic partition overwrite:
+Spark stages the new files and swaps the partition on commit, so a crash mid-run leaves the
+previous partition whole). Bad rows never fail the job: they go to ``rejects/dt=<run_date>``
+with a reason, and ``rows_in == scored + rejected`` is checked on every run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from dl_pipeline import features, fsutil
+from dl_pipeline.config import Config, DataConfig, ScoreConfig
+from dl_pipeline.errors import PipelineError, UserError
+
+log = logging.getLogger(__name__)
+
+# Loaded once per Python worker process (Spark reuses workers across tasks), never per batch.
+_MODELS: dict[str, Any] = {}
+
+
+def _bundle(path: str):
+    if path not in _MODELS:
+        import torch
+
+        from dl_pipeline.bundle import load_bundle
+
+        _MODELS[path] = load_bundle(path, "cuda" if torch.cuda.is_available() else "cpu")
+    return _MODELS[path]
+
+
+def run_date(score: ScoreConfig) -> str:
+    if not score.run_date:
+        return dt.datetime.now(dt.timezone.utc).date().isoformat()
+    try:
+        return dt.date.fromisoformat(score.run_date).isoformat()
+    except ValueError:
+        raise UserError(f"score.run_date={score.run_date!r}: expected YYYY-MM-DD, e.g. --run-date 2026-11-22") from None
+
+
+def predict_texts(bundle, texts: list[str], batch_size: int, top_k: int = 0) -> dict[str, np.ndarray]:
+    """Cleaned texts -> {index [n], probability [n], topk_index [n,k], topk_prob [n,k]}."""
+    import torch
+
+    feats = features.featurize_texts(texts, bundle.featurizer)
+    return _predict(bundle, feats, batch_size, top_k)
+
+
+def _predict(bundle, feats: dict[str, np.ndarray], batch_size: int, top_k: int) -> dict[str, np.ndarray]:
+    import torch
+
+    n = next(iter(feats.values())).shape[0]
+    k = max(1, top_k)
+    idx, prob = np.zeros((n, k), np.int64), np.zeros((n, k), np.float64)
+    device = next(bundle.model.parameters()).device
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            batch = {name: torch.from_numpy(arr[s : s + batch_size]).to(device) for name, arr in feats.items()}
+            p = torch.softmax(bundle.model(batch).float(), dim=1)
+            top = torch.topk(p, k=min(k, p.shape[1]), dim=1)
+            idx[s : s + batch_size, : top.indices.shape[1]] = top.indices.cpu().numpy()
+            prob[s : s + batch_size, : top.values.shape[1]] = top.values.cpu().numpy()
+    return {"index": idx[:, 0], "probability": prob[:, 0], "topk_index": idx, "topk_prob": prob}
+
+
+def _read_input(spark, cfg: Config, path: str):
+    """-> DataFrame(ids..., parts array<string>, raw string, reason string)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType
+
+    from dl_pipeline.sources import read_text
+
+    s = cfg.score
+    if s.input_format == "zhang_csv":
+        data = DataConfig(**{**cfg.data.__dict__, "format": "zhang_csv"})
+        df = read_text(spark, path, "score", data)
+        ids = list(s.id_columns) or ["source_file", "row_number"]
+        unknown = [c for c in ids if c not in ("source_file", "row_number", "label_raw")]
+        if unknown:
+            raise UserError(f"score.id_columns {unknown}: a Zhang CSV has only source_file, row_number, label_raw")
+        return df.select(*ids, "parts", "raw", "reason"), ids
+    data = cfg.data
+    if not fsutil.expand(path):
+        raise UserError(f"score.input_path={path}: no such file or directory")
+    reader = spark.read
+    if s.input_format == "csv":
+        reader = reader.option("header", True).option("multiLine", data.multiline).option("escape", '"')
+    df = reader.format(s.input_format).load(fsutil.to_url(path))
+    need = [*s.id_columns, *data.text_columns]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: column(s) {', '.join(missing)} not found (have: {', '.join(df.columns)}); set score.id_columns / data.text_columns")
+    atomic = [c for c in data.text_columns if not isinstance(df.schema[c].dataType, (StringType,)) and df.schema[c].dataType.typeName() in ("struct", "array", "map", "binary")]
+    parts = F.array(*[F.col(c).cast("string") if c not in atomic else F.lit(None).cast("string") for c in data.text_columns])
+    reason = F.when(F.lit(bool(atomic)), F.lit("text_not_string"))
+    if "_corrupt_record" in df.columns:
+        reason = F.coalesce(reason, F.when(F.col("_corrupt_record").isNotNull(), F.lit("malformed_record")))
+    raw = F.to_json(F.struct(*[F.col(c) for c in df.columns]))
+    return df.select(*s.id_columns, parts.alias("parts"), raw.alias("raw"), reason.alias("reason")), list(s.id_columns)
+
+
+def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_chars: int, separator: str):
+    """mapInPandas body: raw rows -> scored rows, bad rows flagged with a reason (never raised)."""
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        bundle = _bundle(model_path)
+        base, names = bundle.labels["label_base"], bundle.labels["names"]
+        for pdf in batches:
+            reasons = list(pdf["reason"])
+            texts = []
+            for i, parts in enumerate(pdf["parts"]):
+                text = ""
+                if reasons[i] is None:
+                    if parts is None or all(p is None for p in parts):
+                        reasons[i] = "null_text"
+                    elif sum(len(p) for p in parts if p) > max_chars:
+                        reasons[i] = "text_too_long"
+                    else:
+                        text = features.clean_record(list(parts), separator)
+                        if not text:
+                            reasons[i] = "empty_text"
+                texts.append(text)
+            ok = np.array([r is None for r in reasons], dtype=bool)
+            out = pdf[ids].copy()
+            out["prediction"] = pd.array([None] * len(pdf), dtype="Int32")
+            out["label_name"] = None
+            out["probability"] = np.nan
+            if ok.any():
+                pred = predict_texts(bundle, [t for t, good in zip(texts, ok) if good], batch_size, top_k)
+                out.loc[ok, "prediction"] = (pred["index"] + base).astype(np.int32)
+                out.loc[ok, "label_name"] = [names[i] for i in pred["index"]]
+                out.loc[ok, "probability"] = pred["probability"]
+                if top_k:
+                    tops = [
+                        [{"label": int(i + base), "probability": float(p)} for i, p in zip(ri, rp)]
+                        for ri, rp in zip(pred["topk_index"], pred["topk_prob"])
+                    ]
+                    col = [None] * len(pdf)
+                    for j, t in zip(np.flatnonzero(ok), tops):
+                        col[j] = t
+                    out["top_k"] = col
+            if top_k and "top_k" not in out:
+                out["top_k"] = None
+            out["model_version"] = bundle.version
+            out["raw"] = [None if r is None else (raw or "")[:4096] for r, raw in zip(reasons, pdf["raw"])]
+            out["reason"] = reasons
+            yield out
+
+    return run
+
+
+def score_batch(spark, cfg: Config) -> dict[str, Any]:
+    """Score one run date; returns {"summary": {...}} and writes it under ``_runs/``."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    s = cfg.score
+    for key in ("model_path", "input_path", "output_path"):
+        if not getattr(s, key):
+            raise UserError(f"score.{key} is not set: pass --set score.{key}=...")
+    date = run_date(s)
+    t0 = time.time()
+    from dl_pipeline.bundle import load_bundle
+
+    bundle = load_bundle(s.model_path)  # fail fast on the driver with a clear message
+    if bundle.featurizer["kind"] != "text":
+        raise UserError(f"{s.model_path}: an image model; score reads text rows (image scoring is not built yet)")
+    in_path = s.input_path.replace("{date}", date)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(s.max_records_per_batch))
+    raw, ids = _read_input(spark, cfg, in_path)
+    out_schema = raw.select(*ids).schema
+    ddl = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in out_schema.fields)
+    ddl += ", prediction int, label_name string, probability double"
+    if s.top_k:
+        ddl += ", top_k array<struct<label:int,probability:double>>"
+    ddl += ", model_version string, raw string, reason string"
+    model_url = fsutil.to_url(s.model_path)
+    scored = raw.mapInPandas(
+        _score_fn(model_url, ids, s.batch_size, s.top_k, cfg.data.max_text_chars, bundle.featurizer["cleaning"]["title_separator"]),
+        ddl,
+    ).withColumn("scored_at", F.current_timestamp()).withColumn("dt", F.lit(date))
+    scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
+    out = fsutil.to_url(s.output_path)
+    try:
+        good = scored.filter(F.col("reason").isNull()).drop("raw", "reason")
+        bad = scored.filter(F.col("reason").isNotNull()).select(*ids, "raw", "reason", "model_version", "scored_at", "dt")
+        fmt = s.output_format
+        if fmt == "delta":
+            try:
+                import delta  # noqa: F401
+            except ImportError:
+                raise UserError("score.output_format=delta needs delta-spark on the cluster (Databricks has it); use parquet") from None
+        (good.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic")
+         .partitionBy("dt").save(out))
+        (bad.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic")
+         .partitionBy("dt").save(fsutil.join(out, "rejects")))
+        counts = {r["ok"]: r["n"] for r in scored.groupBy(F.col("reason").isNull().alias("ok")).agg(F.count(F.lit(1)).alias("n")).collect()}
+        by_reason = {r["reason"]: r["n"] for r in scored.filter(F.col("reason").isNotNull()).groupBy("reason").count().withColumnRenamed("count", "n").collect()}
+    finally:
+        scored.unpersist()
+    rows_in = sum(counts.values())
+    summary = {
+        "run_date": date,
+        "input_path": in_path,
+        "output_path": out,
+        "model_version": bundle.version,
+        "rows_in": rows_in,
+        "scored": counts.get(True, 0),
+        "rejected": counts.get(False, 0),
+        "rejects_by_reason": dict(sorted(by_reason.items())),
+        "seconds": round(time.time() - t0, 3),
+    }
+    if summary["scored"] + summary["rejected"] != rows_in:
+        raise PipelineError(f"score accounting broken: {json.dumps(summary)}")
+    fsutil.write_text_atomic(fsutil.join(out, "_runs", f"{date}.json"), json.dumps(summary, indent=2, sort_keys=True))
+    log.info("score summary: %s", json.dumps(summary, sort_keys=True))
+    return {"summary": summary}
