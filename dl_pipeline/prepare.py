@@ -374,7 +374,9 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
             F.substring(F.col("raw"), 1, RAW_LIMIT).alias("raw"),
             "reason",
         )
-        rejects.orderBy("source_file", "row_number", "raw").coalesce(1).write.mode("overwrite").parquet(fsutil.join(out, "rejects"))
+        rejects_url = fsutil.join(out, "rejects")
+        rejects.orderBy("source_file", "row_number", "raw").coalesce(1).write.mode("overwrite").parquet(rejects_url)
+        _rename_parts(spark, rejects_url)
         timings["write_rejects_s"] = round(time.time() - t, 3)
 
         splits = {}

@@ -15,6 +15,7 @@ Raw frame columns (all sources)::
 
 from __future__ import annotations
 
+import csv
 import gzip
 import struct
 from typing import Iterator
@@ -26,6 +27,7 @@ from dl_pipeline import fsutil
 from dl_pipeline.config import DataConfig
 from dl_pipeline.errors import UserError
 
+_FIELD_LIMIT = 1 << 30
 RAW_COLUMNS = ("origin", "source_file", "row_number", "label_raw", "parts", "content", "raw", "reason")
 
 
@@ -59,6 +61,49 @@ def _with_row_numbers(spark, df):
     )
 
 
+def parse_zhang_line(line: str, num_fields: int) -> tuple[str | None, list[str] | None, str | None]:
+    """One CSV line -> (label, text fields, reject reason). Strict: stray or unclosed quotes fail."""
+    # csv's default 128 KiB field limit would report a long row as broken quoting; length is
+    # policed separately (data.max_text_chars -> text_too_long).
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)
+    try:
+        rows = list(csv.reader([line], strict=True))
+    except csv.Error:
+        return None, None, "malformed_quoting"
+    if len(rows) != 1 or len(rows[0]) != num_fields:
+        return None, None, "wrong_field_count"
+    return rows[0][0], rows[0][1:], None
+
+
+def _read_zhang_lines(spark, url: str, origin: str, num_fields: int):
+    """Line-oriented Zhang CSV: splittable, exact line numbers, the raw line kept for rejects."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import pandas_udf
+
+    @pandas_udf("label string, parts array<string>, reason string")
+    def parse(lines: pd.Series) -> pd.DataFrame:
+        out = [parse_zhang_line(line, num_fields) for line in lines]
+        return pd.DataFrame(out, columns=["label", "parts", "reason"])
+
+    lines = _with_row_numbers(spark, spark.read.text(url))
+    # The text source passes invalid UTF-8 through as-is (Arrow then refuses it); decoding in the
+    # JVM turns bad bytes into U+FFFD, which clean_content rejects or keeps per data.invalid_utf8.
+    lines = lines.withColumn("value", F.decode(F.col("value").cast("binary"), "UTF-8"))
+    # Blank lines are not records (Spark's CSV reader skips them too); numbers stay physical lines.
+    parsed = lines.filter(F.length(F.trim("value")) > 0).withColumn("p", parse("value"))
+    return parsed.select(
+        F.lit(origin).alias("origin"),
+        "source_file",
+        "row_number",
+        F.col("p.label").alias("label_raw"),
+        F.col("p.parts").alias("parts"),
+        F.lit(None).cast("binary").alias("content"),
+        F.col("value").alias("raw"),
+        F.col("p.reason").alias("reason"),
+    )
+
+
 def read_text(spark, path: str, origin: str, data: DataConfig):
     """Zhang CSV (label + 1..3 text fields, no header) or named CSV/JSON/Parquet -> raw frame."""
     from pyspark.sql import functions as F
@@ -66,7 +111,10 @@ def read_text(spark, path: str, origin: str, data: DataConfig):
 
     _check_inputs(path, f"data.{origin}_path")
     url = fsutil.to_url(path)
+    if data.format == "zhang_csv" and not data.multiline and data.encoding.upper().replace("-", "") == "UTF8":
+        return _read_zhang_lines(spark, url, origin, data.num_fields)
     if data.format == "zhang_csv":
+        # Records may span lines (multiline): Spark's CSV reader, which is lenient about quotes.
         names = ["label"] + [f"f{i}" for i in range(1, data.num_fields)]
         schema = StructType([StructField(n, StringType()) for n in names] + [StructField("_corrupt", StringType())])
         df = (

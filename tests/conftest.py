@@ -1,0 +1,71 @@
+"""Shared fixtures: ONE local Spark session, the bundled AG News sample prepared once, and a
+small model trained on it once. Everything is real: Spark, Petastorm files, Horovod ranks."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "data", "sample")
+AG_TRAIN = os.path.join(SAMPLE, "ag_news", "train.csv.gz")
+AG_TEST = os.path.join(SAMPLE, "ag_news", "test.csv.gz")
+DEMO_CONF = os.path.join(ROOT, "conf", "demo.yaml")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from dl_pipeline.config import SparkConfig
+    from dl_pipeline.spark import get_spark
+
+    session = get_spark(
+        SparkConfig(
+            master="local[2]",
+            app_name="dl_pipeline-tests",
+            conf={"spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false"},
+        )
+    )
+    yield session
+    session.stop()
+
+
+def demo_config(tmp, *overrides):
+    from dl_pipeline.config import load_config
+
+    return load_config(DEMO_CONF, [
+        f"data.train_path={AG_TRAIN}",
+        f"data.test_path={AG_TEST}",
+        f"prepare.output_path={tmp}/prepared",
+        f"train.data_path={tmp}/prepared",
+        f"train.run_dir={tmp}/run",
+        "shard.max_workers=2",
+        "train.progress=false",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def ag_prepared(spark, tmp_path_factory):
+    """(config, manifest) for the bundled AG News sample, prepared once per session."""
+    from dl_pipeline.prepare import prepare_dataset
+
+    tmp = tmp_path_factory.mktemp("ag")
+    cfg = demo_config(tmp)
+    return cfg, prepare_dataset(spark, cfg)
+
+
+@pytest.fixture(scope="session")
+def ag_model(ag_prepared, tmp_path_factory):
+    """(config, metrics) of a fastText model trained 2 epochs in-process on the AG sample."""
+    from dl_pipeline.config import replace
+    from dl_pipeline.train.driver import train_model
+
+    cfg, _ = ag_prepared
+    run = tmp_path_factory.mktemp("ag_run")
+    cfg = replace(cfg, train={"launcher": "local", "epochs": 2, "run_dir": str(run)})
+    return cfg, train_model(cfg)

@@ -1,0 +1,223 @@
+import csv
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import AG_TEST, AG_TRAIN, SAMPLE
+from dl_pipeline.config import load_config
+from dl_pipeline.errors import UserError
+from dl_pipeline.prepare import prepare_dataset
+
+BIG = "a" * (1 << 20)
+# (line bytes, expected outcome); line numbers are 1-based physical lines.
+BAD_LINES = [
+    (b'"1","Good one","first fine row about world politics"', "ok"),
+    (b'"2","Good two","second fine row about sports"\r', "ok"),  # Windows line ending
+    (b'"2","only two"', "wrong_field_count"),
+    (b'"3","a","b","extra"', "wrong_field_count"),
+    (b'"x","t","bad label"', "label_not_integer"),
+    (b'"9","t","out of range"', "label_out_of_range"),
+    (b'"0","t","zero is out too"', "label_out_of_range"),
+    (b'"1","",""', "empty_text"),
+    (b'"1","<br>","  \\n  "', "empty_text"),
+    (b'"1","bad","bytes \xff\xfe here"', "invalid_utf8"),
+    (b'"1","same","text here"', "conflicting_labels"),
+    (b'"2","same","text here"', "conflicting_labels"),
+    (b'"3","dup","row again"', "ok"),
+    (b'"3","dup","row again"', "duplicate"),
+    (b'"4","big","' + BIG.encode() + b'"', "text_too_long"),
+    (b'"2","nul","has \x00 nul byte"', "ok"),
+    (b'"1","bro"ken","x"', "malformed_quoting"),
+    (b'"2","t","unterminated', "malformed_quoting"),
+    (b"", None),  # a blank line is not a record
+    (b'"4","Good three","third fine row about science"', "ok"),
+    (b'"3","Good four","business news row"', "ok"),
+]
+
+
+def _config(tmp, *overrides):
+    return load_config(None, [
+        f"prepare.output_path={tmp}/out", "data.num_classes=4", "shard.max_workers=1",
+        "shard.row_groups_per_worker=2", *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def bad_run(spark, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    path = tmp / "bad.csv"
+    path.write_bytes(b"\n".join(line for line, _ in BAD_LINES) + b"\n")
+    cfg = _config(tmp, f"data.train_path={path}", "shard.val_fraction=0")
+    return tmp, prepare_dataset(spark, cfg)
+
+
+def test_every_bad_row_is_accounted_for_by_reason(bad_run):
+    _, manifest = bad_run
+    outcomes = [o for _, o in BAD_LINES if o is not None]
+    expected_reasons = {}
+    for o in outcomes:
+        if o not in ("ok", "duplicate"):
+            expected_reasons[o] = expected_reasons.get(o, 0) + 1
+    c = manifest["counts"]
+    assert c["input_rows"] == len(outcomes) == 20
+    assert c["clean_rows"] == outcomes.count("ok") == 6
+    assert c["duplicate_rows"] == 1
+    assert c["rejected_rows"] == 13
+    assert manifest["rejects_by_reason"] == expected_reasons
+    assert c["input_rows"] == c["clean_rows"] + c["rejected_rows"] + c["duplicate_rows"]
+    assert c["splits"] == {"train": 6, "val": 0, "test": 0}
+
+
+def test_rejects_table_names_file_row_and_reason(bad_run):
+    tmp, _ = bad_run
+    rejects = pq.read_table(str(tmp / "out" / "rejects")).to_pandas()
+    got = sorted(zip(rejects["row_number"], rejects["reason"]))
+    expected = sorted((i, o) for i, (_, o) in enumerate(BAD_LINES, start=1) if o not in ("ok", None))
+    assert got == expected
+    assert all(f.endswith("bad.csv") for f in rejects["source_file"])
+    big = rejects[rejects["reason"] == "text_too_long"]["raw"].iloc[0]
+    assert len(big) == 4096 and big.startswith('"4","big","aaa')
+    assert rejects[rejects["row_number"] == 3]["raw"].iloc[0] == '"2","only two"'
+
+
+def test_petastorm_rows_hold_features_of_clean_rows(bad_run):
+    from petastorm import make_reader
+
+    tmp, manifest = bad_run
+    with make_reader(f"file://{tmp}/out/train", num_epochs=1, shuffle_row_groups=False) as reader:
+        rows = list(reader)
+    assert len(rows) == 6
+    assert sorted(int(r.label) for r in rows) == [0, 1, 1, 2, 2, 3]
+    assert all(r.chars.shape == (1014,) and r.tokens.shape == (256,) and r.length > 0 for r in rows)
+    assert manifest["splits"]["train"]["row_groups"] == 2
+    assert manifest["splits"]["train"]["rows_per_row_group"] == [3, 3]
+
+
+def test_ag_sample_counts_match_csv_records_and_shards_are_balanced(ag_prepared):
+    from petastorm import make_reader
+
+    cfg, manifest = ag_prepared
+    records = 0
+    for path in (AG_TRAIN, AG_TEST):
+        with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
+            records += sum(1 for _ in csv.reader(fh))
+    c = manifest["counts"]
+    assert c["input_rows"] == records == 18029
+    assert c["input_rows"] == c["clean_rows"] + c["rejected_rows"] + c["duplicate_rows"]
+    assert c["splits"]["test"] == 7600  # the benchmark's test file keeps every row
+    assert manifest["splits"]["test"]["per_class"] == [1900, 1900, 1900, 1900]
+    train = manifest["splits"]["train"]
+    assert train["row_groups"] >= 4 * 2
+    assert max(train["rows_per_row_group"]) - min(train["rows_per_row_group"]) <= 1
+
+    url = f"file://{cfg.prepare.output_path}/train"
+    shards = []
+    for shard in range(2):
+        with make_reader(url, schema_fields=["row_id", "label"], cur_shard=shard, shard_count=2, num_epochs=1) as r:
+            shards.append([row.row_id for row in r])
+    a, b = set(shards[0]), set(shards[1])
+    assert not a & b, "shards overlap"
+    assert len(a) + len(b) == train["rows"] == len(shards[0]) + len(shards[1])
+    assert abs(len(a) - len(b)) <= max(train["rows_per_row_group"])
+    # every row group mixes classes
+    for f in sorted(glob.glob(f"{cfg.prepare.output_path}/train/*.parquet")):
+        assert len(set(pq.read_table(f, columns=["label"]).column("label").to_pylist())) == 4
+
+
+def _digests(root):
+    return {os.path.relpath(p, root): hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in sorted(glob.glob(f"{root}/*/*.parquet"))}
+
+
+def test_rerun_gives_byte_identical_shards(spark, ag_prepared, tmp_path):
+    from dl_pipeline.config import replace
+
+    cfg, manifest = ag_prepared
+    again = prepare_dataset(spark, replace(cfg, prepare={"output_path": str(tmp_path / "again")}))
+    first, second = _digests(cfg.prepare.output_path), _digests(str(tmp_path / "again"))
+    assert len(first) >= 3 * 8 and first == second
+    assert again["counts"] == manifest["counts"]
+
+
+def test_split_is_stable_when_rows_are_added(spark, tmp_path):
+    """A row's split depends on its content hash only: adding rows never moves it."""
+    rows = [f'"{1 + i % 4}","title {i}","body number {i} with words"' for i in range(400)]
+    small, big = tmp_path / "small.csv", tmp_path / "big.csv"
+    small.write_text("\n".join(rows[:200]) + "\n")
+    big.write_text("\n".join(rows) + "\n")
+
+    def ids(path, out):
+        cfg = _config(tmp_path, f"data.train_path={path}", f"prepare.output_path={out}", "shard.val_fraction=0.3")
+        prepare_dataset(spark, cfg)
+        return {s: set(pq.read_table(f"{out}/{s}", columns=["row_id"]).column("row_id").to_pylist()) for s in ("train", "val")}
+
+    a, b = ids(small, tmp_path / "a"), ids(big, tmp_path / "b")
+    assert a["val"] and a["val"] <= b["val"] and a["train"] <= b["train"]
+
+
+def test_idx_decoding_is_exact(spark, tmp_path):
+    from petastorm import make_reader
+
+    from dl_pipeline.sources import parse_idx
+
+    images = os.path.join(SAMPLE, "fashion_mnist", "t10k-images-idx3-ubyte.gz")
+    labels = os.path.join(SAMPLE, "fashion_mnist", "t10k-labels-idx1-ubyte.gz")
+    raw_images = parse_idx(open(images, "rb").read())
+    raw_labels = parse_idx(open(labels, "rb").read())
+    assert raw_images.shape == (4443, 28, 28) and raw_labels.shape == (4443,)
+    # Fashion-MNIST t10k starts: ankle boot, pullover, trouser, trouser, shirt, ...
+    assert raw_labels[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+    cfg = load_config(os.path.join(os.path.dirname(SAMPLE), "..", "conf", "fashion_mnist.yaml"), [
+        f"data.train_path={images}", f"data.train_labels_path={labels}", f"prepare.output_path={tmp_path}/fm",
+        "shard.max_workers=2",
+    ])
+    manifest = prepare_dataset(spark, cfg)
+    c = manifest["counts"]
+    assert c["input_rows"] == 4443 and c["rejected_rows"] == 0
+    by_bytes = {}
+    for img, lab in zip(raw_images, raw_labels):
+        by_bytes.setdefault(img.tobytes(), set()).add(int(lab))
+    seen = 0
+    for split in ("train", "val", "test"):
+        with make_reader(f"file://{tmp_path}/fm/{split}", num_epochs=1) as reader:
+            for row in reader:
+                assert row.image.shape == (28, 28, 1) and row.image.dtype == np.uint8
+                assert int(row.label) in by_bytes[row.image[:, :, 0].tobytes()]
+                seen += 1
+    assert seen == c["clean_rows"] == 4443 - c["duplicate_rows"]
+    assert c["splits"]["test"] > 0.15 * 4443
+
+
+def test_image_folder_with_an_undecodable_file(spark, tmp_path):
+    from PIL import Image
+
+    for cls, colour in (("cats", 40), ("dogs", 200)):
+        os.makedirs(tmp_path / "imgs" / cls)
+        for i in range(3):
+            Image.new("L", (40, 30), color=colour + i).save(tmp_path / "imgs" / cls / f"{i}.png")
+    (tmp_path / "imgs" / "dogs" / "broken.png").write_bytes(b"not a png")
+    cfg = load_config(None, [
+        "data.kind=image_folder", f"data.train_path={tmp_path}/imgs", f"prepare.output_path={tmp_path}/out",
+        "shard.max_workers=1", "shard.row_groups_per_worker=1", "shard.val_fraction=0",
+    ])
+    manifest = prepare_dataset(spark, cfg)
+    assert manifest["counts"]["input_rows"] == 7
+    assert manifest["rejects_by_reason"] == {"undecodable_image": 1}
+    assert manifest["label_names"] == ["cats", "dogs"]
+    assert manifest["splits"]["train"]["per_class"] == [3, 3]
+
+
+def test_user_errors_are_one_line(spark, tmp_path):
+    with pytest.raises(UserError, match=r"data.train_path=/no/such.csv: no such file"):
+        prepare_dataset(spark, _config(tmp_path, "data.train_path=/no/such.csv"))
+    with pytest.raises(UserError, match="data.num_classes is not set"):
+        prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", f"prepare.output_path={tmp_path}/x"]))
+    with pytest.raises(UserError, match="prepare.output_path is not set"):
+        prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", "data.num_classes=4"]))
