@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 from dl_pipeline.config import Config, load_config
-from dl_pipeline.errors import UserError
+from dl_pipeline.errors import PipelineError, UserError
 from dl_pipeline.logs import setup_logging
 
 log = logging.getLogger("dl_pipeline")
@@ -58,6 +58,9 @@ def guarded(fn: Callable[[], object]) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except PipelineError as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -15,7 +15,6 @@ def _reader(url: str, fields: list[str], shard: int, shards: int, epochs: int | 
         schema_fields=fields,
         cur_shard=shard,
         shard_count=shards,
-        shard_seed=seed if shuffle else None,
         num_epochs=epochs,
         shuffle_row_groups=shuffle,
         seed=seed,

@@ -18,7 +18,7 @@ from typing import Any
 
 from dl_pipeline import dataset, fsutil
 from dl_pipeline.config import Config
-from dl_pipeline.errors import UserError
+from dl_pipeline.errors import PipelineError, UserError
 from dl_pipeline.models import FEATURE_OF, model_spec
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ def build_params(cfg: Config, world_size: int) -> dict[str, Any]:
         "fp16_allreduce": cfg.horovod.fp16_allreduce,
         "threads_per_rank": max(1, (os.cpu_count() or 1) // max(1, world_size if t.launcher != "local" else 1)),
         "world_size": world_size,
+        # Test hook: the rank process dies (os._exit) after this global step, like a lost node.
+        "fail_at_step": int(os.environ.get("DL_PIPELINE_FAIL_AT_STEP", "0")),
     }
 
 
@@ -152,10 +154,12 @@ def train_model(cfg: Config, spark=None) -> dict[str, Any]:
         from dl_pipeline.train.worker import run_rank
 
         metrics = run_rank(params)
-    elif cfg.train.launcher == "spark":
-        metrics = _launch_spark(params, cfg, n, spark)
     else:
-        metrics = _launch_horovodrun(params, cfg, n)
+        launch = _launch_spark if cfg.train.launcher == "spark" else _launch_horovodrun
+        try:
+            metrics = launch(params, cfg, n, spark) if launch is _launch_spark else launch(params, cfg, n)
+        except Exception as exc:  # a rank failed: its own traceback is in the log above
+            raise PipelineError(f"training failed on a Horovod rank ({str(exc).splitlines()[0][:300]}); see the rank log above") from exc
     summary = {"val": metrics["val"], "test": metrics["test"], "epochs_run": metrics["epochs_run"],
                "world_size": metrics["world_size"], "run_dir": params["run_dir"]}
     log.info("train finished: %s", json.dumps(summary))

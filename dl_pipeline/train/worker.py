@@ -81,6 +81,7 @@ def run_rank(p: dict[str, Any]) -> dict[str, Any] | None:
     import numpy as np
     import torch
 
+    from dl_pipeline.errors import UserError
     from dl_pipeline.models import build_model
     from dl_pipeline.train import checkpoint as ckpt
     from dl_pipeline.train.data import train_batches
@@ -156,6 +157,8 @@ def run_rank(p: dict[str, Any]) -> dict[str, Any] | None:
                     lambda s: lr_at(s, p["lr"], peak_lr, warmup), device, on_step,
                 )
             except NonFiniteLoss as exc:
+                if not comm.hvd:
+                    raise UserError(str(exc)) from None
                 raise RuntimeError(str(exc)) from None
             state["global_step"] += steps - in_epoch
             val, _ = _evaluate_split(p, "val", model, comm, device)
