@@ -3,7 +3,7 @@
 One run scores the rows of one date (``score.input_path`` may contain ``{date}``) and replaces
 exactly the ``dt=<run_date>`` partition of ``score.output_path`` (dynamic partition overwrite:
 Spark stages the new files and swaps the partition on commit, so a crash mid-run leaves the
-previous partition whole). Bad rows never fail the job: they go to ``rejects/dt=<run_date>``
+previous partition whole). Bad rows never fail the job: they go to ``_rejects/dt=<run_date>``
 with a reason, and ``rows_in == scored + rejected`` is checked on every run.
 """
 
@@ -108,13 +108,22 @@ def _read_input(spark, cfg: Config, path: str):
     return df.select(*s.id_columns, parts.alias("parts"), raw.alias("raw"), reason.alias("reason")), list(s.id_columns)
 
 
-def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_chars: int, separator: str):
+# Under the output path but '_'-prefixed: Spark's partition discovery skips it, so readers of
+# the predictions table never trip over the rejects' own dt= folders.
+REJECTS_DIR = "_rejects"
+INJECT_FAILURE_CONF = "spark.dl_pipeline.test.inject_score_failure"
+
+
+def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_chars: int, separator: str,
+              inject_failure: bool = False):
     """mapInPandas body: raw rows -> scored rows, bad rows flagged with a reason (never raised)."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         bundle = _bundle(model_path)
         base, names = bundle.labels["label_base"], bundle.labels["names"]
-        for pdf in batches:
+        for n_batch, pdf in enumerate(batches):
+            if inject_failure and n_batch == 1:  # test hook: die mid-task, after output began
+                raise RuntimeError("injected scoring failure")
             reasons = list(pdf["reason"])
             texts = []
             for i, parts in enumerate(pdf["parts"]):
@@ -185,7 +194,8 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     ddl += ", model_version string, raw string, reason string"
     model_url = fsutil.to_url(s.model_path)
     scored = raw.mapInPandas(
-        _score_fn(model_url, ids, s.batch_size, s.top_k, cfg.data.max_text_chars, bundle.featurizer["cleaning"]["title_separator"]),
+        _score_fn(model_url, ids, s.batch_size, s.top_k, cfg.data.max_text_chars, bundle.featurizer["cleaning"]["title_separator"],
+                  spark.conf.get(INJECT_FAILURE_CONF, "false") == "true"),
         ddl,
     ).withColumn("scored_at", F.current_timestamp()).withColumn("dt", F.lit(date))
     scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
@@ -202,7 +212,7 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
         (good.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic")
          .partitionBy("dt").save(out))
         (bad.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic")
-         .partitionBy("dt").save(fsutil.join(out, "rejects")))
+         .partitionBy("dt").save(fsutil.join(out, REJECTS_DIR)))
         counts = {r["ok"]: r["n"] for r in scored.groupBy(F.col("reason").isNull().alias("ok")).agg(F.count(F.lit(1)).alias("n")).collect()}
         by_reason = {r["reason"]: r["n"] for r in scored.filter(F.col("reason").isNotNull()).groupBy("reason").count().withColumnRenamed("count", "n").collect()}
     finally:

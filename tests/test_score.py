@@ -1,0 +1,136 @@
+"""Batch scoring: parity with in-process predictions, idempotent re-runs, crash safety, rejects."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import AG_TEST
+from dl_pipeline.config import replace
+from dl_pipeline.features import clean_record, featurize_texts
+from dl_pipeline.score import INJECT_FAILURE_CONF, predict_texts, score_batch
+from dl_pipeline.sources import parse_zhang_line
+
+
+def _ag_test_rows():
+    with gzip.open(AG_TEST, "rt", encoding="utf-8") as fh:
+        return [parse_zhang_line(line.rstrip("\n"), 3) for line in fh]
+
+
+def _partition(out, date):
+    return pq.read_table(f"{out}/dt={date}").to_pandas()
+
+
+@pytest.fixture(scope="module")
+def scored(spark, ag_model, tmp_path_factory):
+    cfg, _ = ag_model
+    out = tmp_path_factory.mktemp("scores")
+    cfg = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": AG_TEST,
+                              "output_path": str(out), "run_date": "2026-11-20", "id_columns": ["row_number"], "top_k": 2,
+                              "max_records_per_batch": 1000})
+    return cfg, score_batch(spark, cfg)["summary"]
+
+
+def test_predictions_equal_in_process_predictions(scored):
+    from dl_pipeline.bundle import load_bundle
+
+    cfg, summary = scored
+    assert summary["rows_in"] == summary["scored"] == 7600 and summary["rejected"] == 0
+    df = _partition(cfg.score.output_path, "2026-11-20").sort_values("row_number")
+    assert df["row_number"].tolist() == list(range(1, 7601))
+    bundle = load_bundle(cfg.score.model_path)
+    texts = [clean_record(parts, ". ") for _, parts, _ in _ag_test_rows()]
+    local = predict_texts(bundle, texts, batch_size=512)
+    np.testing.assert_array_equal(df["prediction"].to_numpy(), local["index"] + 1)
+    np.testing.assert_allclose(df["probability"].to_numpy(), local["probability"], atol=1e-6)
+    assert set(df["label_name"]) <= {"World", "Sports", "Business", "Sci/Tech"}
+    assert df["model_version"].nunique() == 1 and df["model_version"].iloc[0] == bundle.version
+    first = df["top_k"].iloc[0]
+    assert len(first) == 2 and first[0]["probability"] >= first[1]["probability"]
+    labels = np.array([int(lab) for lab, _, _ in _ag_test_rows()])
+    assert (df["prediction"].to_numpy() == labels).mean() > 0.75
+    runs = json.load(open(f"{cfg.score.output_path}/_runs/2026-11-20.json"))
+    assert runs["rows_in"] == 7600 and runs["scored"] + runs["rejected"] == runs["rows_in"]
+
+
+def test_features_are_identical_in_prepare_and_score(ag_prepared):
+    """Train/serve parity: the test split's stored tokens equal the score path's features."""
+    from petastorm import make_reader
+
+    cfg, manifest = ag_prepared
+    with make_reader(f"file://{cfg.prepare.output_path}/test", schema_fields=["tokens", "chars"], num_epochs=1) as r:
+        stored = sorted((row.tokens.tobytes(), row.chars.tobytes()) for row in r)
+    texts = [clean_record(parts, ". ") for _, parts, _ in _ag_test_rows()]
+    feats = featurize_texts(texts, manifest["featurizer"])
+    computed = sorted((t.tobytes(), c.tobytes()) for t, c in zip(feats["tokens"], feats["chars"]))
+    assert len(stored) == 7600 and stored == computed
+
+
+def test_rerunning_a_date_replaces_exactly_that_partition(spark, scored):
+    cfg, _ = scored
+    out = cfg.score.output_path
+    score_batch(spark, replace(cfg, score={"run_date": "2026-11-21"}))
+    before = _partition(out, "2026-11-20")
+    score_batch(spark, cfg)  # the same date again
+    after = _partition(out, "2026-11-20")
+    assert len(after) == 7600 and after["row_number"].is_unique
+    assert sorted(after["row_number"]) == sorted(before["row_number"])
+    assert len(_partition(out, "2026-11-21")) == 7600  # the other date is untouched
+    whole = spark.read.parquet(out)
+    assert whole.count() == 2 * 7600
+    assert whole.groupBy("dt", "row_number").count().filter("count > 1").count() == 0
+
+
+def test_crash_mid_run_keeps_previous_partition_then_rerun_completes(spark, scored):
+    cfg, _ = scored
+    out = cfg.score.output_path
+    spark.conf.set(INJECT_FAILURE_CONF, "true")
+    try:
+        with pytest.raises(Exception, match="injected scoring failure"):
+            score_batch(spark, cfg)
+    finally:
+        spark.conf.unset(INJECT_FAILURE_CONF)
+    kept = _partition(out, "2026-11-20")
+    assert len(kept) == 7600 and kept["row_number"].is_unique
+    summary = score_batch(spark, cfg)["summary"]
+    assert summary["scored"] == 7600
+    assert len(_partition(out, "2026-11-20")) == 7600
+
+
+def test_bad_rows_go_to_rejects_with_reasons(spark, ag_model, tmp_path):
+    cfg, _ = ag_model
+    rows = [
+        {"id": 1, "title": "Markets", "text": "Stocks rose on Monday"},
+        {"id": 2, "title": None, "text": None},
+        {"id": 3, "title": "", "text": "   "},
+        {"id": 4, "title": "huge", "text": "word " * 50_000},
+        {"id": 5, "title": "numbers", "text": 12345},
+    ]
+    lines = [json.dumps(r) for r in rows] + ['{"id": 6, "title": "broken']
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "2026-11-22.json").write_text("\n".join(lines) + "\n")
+    cfg = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_format": "json",
+                              "input_path": str(tmp_path / "in" / "{date}.json"), "output_path": str(tmp_path / "out"),
+                              "run_date": "2026-11-22", "id_columns": ["id"]},
+                  data={"text_columns": ["title", "text"]})
+    summary = score_batch(spark, cfg)["summary"]
+    assert summary["rows_in"] == 6 and summary["scored"] == 2 and summary["rejected"] == 4
+    assert summary["rejects_by_reason"] == {"empty_text": 1, "malformed_record": 1, "null_text": 1, "text_too_long": 1}
+    good = _partition(tmp_path / "out", "2026-11-22")
+    assert sorted(good["id"].tolist()) == [1, 5]
+    bad = pq.read_table(f"{tmp_path}/out/_rejects/dt=2026-11-22").to_pandas()
+    assert spark.read.parquet(str(tmp_path / "out")).count() == 2  # rejects never break the table
+    assert dict(zip(bad["reason"], bad["id"].fillna(-1).astype(int))) == {
+        "null_text": 2, "empty_text": 3, "text_too_long": 4, "malformed_record": -1}
+    assert all(len(r) <= 4096 for r in bad["raw"])
+
+
+def test_missing_model_is_a_user_error(spark, scored, tmp_path):
+    from dl_pipeline.errors import UserError
+
+    cfg, _ = scored
+    with pytest.raises(UserError, match="not a model bundle"):
+        score_batch(spark, replace(cfg, score={"model_path": str(tmp_path)}))
