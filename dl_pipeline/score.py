@@ -49,7 +49,6 @@ def run_date(score: ScoreConfig) -> str:
 
 def predict_texts(bundle, texts: list[str], batch_size: int, top_k: int = 0) -> dict[str, np.ndarray]:
     """Cleaned texts -> {index [n], probability [n], topk_index [n,k], topk_prob [n,k]}."""
-    import torch
 
     feats = features.featurize_texts(texts, bundle.featurizer)
     return _predict(bundle, feats, batch_size, top_k)
@@ -144,23 +143,23 @@ def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_
             out["label_name"] = None
             out["probability"] = np.nan
             if ok.any():
-                pred = predict_texts(bundle, [t for t, good in zip(texts, ok) if good], batch_size, top_k)
+                pred = predict_texts(bundle, [t for t, good in zip(texts, ok, strict=False) if good], batch_size, top_k)
                 out.loc[ok, "prediction"] = (pred["index"] + base).astype(np.int32)
                 out.loc[ok, "label_name"] = [names[i] for i in pred["index"]]
                 out.loc[ok, "probability"] = pred["probability"]
                 if top_k:
                     tops = [
-                        [{"label": int(i + base), "probability": float(p)} for i, p in zip(ri, rp)]
-                        for ri, rp in zip(pred["topk_index"], pred["topk_prob"])
+                        [{"label": int(i + base), "probability": float(p)} for i, p in zip(ri, rp, strict=False)]
+                        for ri, rp in zip(pred["topk_index"], pred["topk_prob"], strict=False)
                     ]
                     col = [None] * len(pdf)
-                    for j, t in zip(np.flatnonzero(ok), tops):
+                    for j, t in zip(np.flatnonzero(ok), tops, strict=False):
                         col[j] = t
                     out["top_k"] = col
             if top_k and "top_k" not in out:
                 out["top_k"] = None
             out["model_version"] = bundle.version
-            out["raw"] = [None if r is None else (raw or "")[:4096] for r, raw in zip(reasons, pdf["raw"])]
+            out["raw"] = [None if r is None else (raw or "")[:4096] for r, raw in zip(reasons, pdf["raw"], strict=False)]
             out["reason"] = reasons
             yield out
 

@@ -223,7 +223,7 @@ def read_idx(spark, images_path: str, labels_path: str, origin: str, data: DataC
 
     def explode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            for path, blob in zip(pdf["path"], pdf["content"]):
+            for path, blob in zip(pdf["path"], pdf["content"], strict=False):
                 arr = parse_idx(bytes(blob))
                 flat = arr.reshape(arr.shape[0], -1)
                 for start in range(0, flat.shape[0], 4096):

@@ -68,6 +68,6 @@ def test_ndarray_codec_bytes_decode_with_petastorm():
     batch = np.arange(24, dtype=np.int32).reshape(3, 8)
     field = UnischemaField("x", np.int32, (8,), NdarrayCodec(), False)
     encoded = ndarray_codec_bytes(batch)
-    for row, blob in zip(batch, encoded):
+    for row, blob in zip(batch, encoded, strict=False):
         assert blob == bytes(NdarrayCodec().encode(field, row))
         np.testing.assert_array_equal(NdarrayCodec().decode(field, blob), row)

@@ -2,8 +2,6 @@ import csv
 import glob
 import gzip
 import hashlib
-import io
-import json
 import os
 
 import numpy as np
@@ -78,7 +76,7 @@ def test_every_bad_row_is_accounted_for_by_reason(bad_run):
 def test_rejects_table_names_file_row_and_reason(bad_run):
     tmp, _ = bad_run
     rejects = pq.read_table(str(tmp / "out" / "rejects")).to_pandas()
-    got = sorted(zip(rejects["row_number"], rejects["reason"]))
+    got = sorted(zip(rejects["row_number"], rejects["reason"], strict=False))
     expected = sorted((i, o) for i, (_, o) in enumerate(BAD_LINES, start=1) if o not in ("ok", None))
     assert got == expected
     assert all(f.endswith("bad.csv") for f in rejects["source_file"])
@@ -182,7 +180,7 @@ def test_idx_decoding_is_exact(spark, tmp_path):
     c = manifest["counts"]
     assert c["input_rows"] == 4443 and c["rejected_rows"] == 0
     by_bytes = {}
-    for img, lab in zip(raw_images, raw_labels):
+    for img, lab in zip(raw_images, raw_labels, strict=False):
         by_bytes.setdefault(img.tobytes(), set()).add(int(lab))
     seen = 0
     for split in ("train", "val", "test"):

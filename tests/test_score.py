@@ -65,7 +65,7 @@ def test_features_are_identical_in_prepare_and_score(ag_prepared):
         stored = sorted((row.tokens.tobytes(), row.chars.tobytes()) for row in r)
     texts = [clean_record(parts, ". ") for _, parts, _ in _ag_test_rows()]
     feats = featurize_texts(texts, manifest["featurizer"])
-    computed = sorted((t.tobytes(), c.tobytes()) for t, c in zip(feats["tokens"], feats["chars"]))
+    computed = sorted((t.tobytes(), c.tobytes()) for t, c in zip(feats["tokens"], feats["chars"], strict=False))
     assert len(stored) == 7600 and stored == computed
 
 
@@ -123,7 +123,7 @@ def test_bad_rows_go_to_rejects_with_reasons(spark, ag_model, tmp_path):
     assert sorted(good["id"].tolist()) == [1, 5]
     bad = pq.read_table(f"{tmp_path}/out/_rejects/dt=2026-11-22").to_pandas()
     assert spark.read.parquet(str(tmp_path / "out")).count() == 2  # rejects never break the table
-    assert dict(zip(bad["reason"], bad["id"].fillna(-1).astype(int))) == {
+    assert dict(zip(bad["reason"], bad["id"].fillna(-1).astype(int), strict=False)) == {
         "null_text": 2, "empty_text": 3, "text_too_long": 4, "malformed_record": -1}
     assert all(len(r) <= 4096 for r in bad["raw"])
 
