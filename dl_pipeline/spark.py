@@ -42,6 +42,14 @@ def get_spark(cfg: SparkConfig | None = None):
     if existing is not None:
         return existing
     cfg = cfg or SparkConfig()
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Launched by spark-submit (or a notebook kernel): the launcher's --master and --conf
+        # win; setting master here would silently turn a cluster job into a local one.
+        builder = SparkSession.builder.appName(cfg.app_name)
+        for key, value in cfg.conf.items():
+            builder = builder.config(key, value)
+        spark = builder.getOrCreate()
+        return spark
     master = cfg.master
     # Keep the JVM and Python workers on loopback; an inherited value wins (cluster launchers).
     if master.startswith("local"):

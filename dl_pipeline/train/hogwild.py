@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any
 
 log = logging.getLogger("dl_pipeline.train")
@@ -75,7 +76,7 @@ def run_hogwild(p: dict[str, Any], model, comm, device) -> dict[str, Any] | None
     metrics_log = ckpt.MetricsLog(p["run_dir"]) if comm.rank == 0 else None
     try:
         for epoch in range(p["epochs"]):
-            left, round_losses = per_worker, []
+            left, round_losses, t_epoch = per_worker, [], time.perf_counter()
             while left > 0:
                 n = min(p["hogwild_sync_every"], left)
                 steps_this_round.value = n
@@ -87,6 +88,7 @@ def run_hogwild(p: dict[str, Any], model, comm, device) -> dict[str, Any] | None
                     for name, param in model.named_parameters():
                         comm.average_(param.data, f"hogwild.{name}")
             state["global_step"] += per_worker
+            train_s = time.perf_counter() - t_epoch
             val, _ = _evaluate_split(p, "val", model, comm, device)
             improved = val["loss"] < state["best_val_loss"] - 1e-6
             state["best_val_loss"] = min(state["best_val_loss"], val["loss"])
@@ -94,7 +96,8 @@ def run_hogwild(p: dict[str, Any], model, comm, device) -> dict[str, Any] | None
             state["epoch"] = epoch + 1
             record = {"type": "epoch", "epoch": epoch + 1, "step": state["global_step"],
                       "train_loss": sum(round_losses) / len(round_losses), "val_loss": val["loss"],
-                      "val_accuracy": val["accuracy"]}
+                      "val_accuracy": val["accuracy"],
+                      "samples_per_s": per_worker * workers * p["batch_size"] * comm.size / max(train_s, 1e-9)}
             state["history"].append(record)
             if comm.rank == 0:
                 log.info("hogwild epoch %d: val_loss %.4f val_acc %.4f", epoch + 1, val["loss"], val["accuracy"])

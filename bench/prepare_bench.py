@@ -1,0 +1,100 @@
+"""Benchmark prepare: rows/s at 100k and 1M rows on local[2], vs single-process pandas/pyarrow.
+
+Corpora are AG News train rows resampled with a fixed seed (bench/common.py). Prints JSON:
+rows/s per size, the 1M/100k cost-per-row ratio (target <= 1.2), the single-process
+baseline on the same 100k rows (Spark must be at least as fast), and peak driver memory.
+
+    .venv/bin/python bench/prepare_bench.py [--sizes 100000,1000000] [--workdir /tmp/dlp-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from common import emit, machine, peak_rss_mb, resampled_ag_news
+
+from dl_pipeline.config import SparkConfig, load_config
+from dl_pipeline.features import clean_record, featurize_texts, ndarray_codec_bytes, text_spec
+from dl_pipeline.prepare import prepare_dataset
+from dl_pipeline.sources import parse_zhang_line
+from dl_pipeline.spark import get_spark
+
+
+def single_process(path: str, out: str, cfg) -> float:
+    """The same parse -> reject -> clean -> dedupe -> featurize -> Parquet, in one process."""
+    spec = text_spec(cfg.features, cfg.data)
+    t0 = time.perf_counter()
+    texts, labels, seen = [], [], set()
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            label, parts, reason = parse_zhang_line(line.rstrip("\n"), cfg.data.num_fields)
+            if reason or not label.isdigit() or not 1 <= int(label) <= cfg.data.num_classes:
+                continue
+            text = clean_record(parts, cfg.data.title_separator)
+            key = (text, label)
+            if not text or key in seen:
+                continue
+            seen.add(key)
+            texts.append(text)
+            labels.append(int(label) - 1)
+    writer = None
+    for s in range(0, len(texts), 8192):
+        feats = featurize_texts(texts[s : s + 8192], spec)
+        table = pa.table({
+            "label": np.asarray(labels[s : s + 8192], np.int32),
+            "chars": ndarray_codec_bytes(feats["chars"]),
+            "tokens": ndarray_codec_bytes(feats["tokens"]),
+            "length": feats["length"],
+        })
+        writer = writer or pq.ParquetWriter(out, table.schema)
+        writer.write_table(table)
+    writer.close()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--workdir", default="/tmp/dlp-bench")
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    spark = get_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "8", "spark.driver.memory": "4g"}))
+    results, sizes = {}, [int(s) for s in args.sizes.split(",")]
+    for n in sizes:
+        path = resampled_ag_news(n, os.path.join(args.workdir, f"ag_{n}.csv"))
+        out = os.path.join(args.workdir, f"prepared_{n}")
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = load_config(None, [f"data.train_path={path}", "data.num_classes=4", f"prepare.output_path={out}",
+                                 "shard.max_workers=8"])
+        t0 = time.perf_counter()
+        manifest = prepare_dataset(spark, cfg)
+        wall = time.perf_counter() - t0
+        results[n] = {"wall_s": round(wall, 2), "rows_per_s": round(n / wall), "us_per_row": round(wall / n * 1e6, 2),
+                      "clean_rows": manifest["counts"]["clean_rows"], "duplicate_rows": manifest["counts"]["duplicate_rows"],
+                      "stage_timings_s": manifest["timings"], "driver_peak_rss_mb_after": peak_rss_mb()}
+    base = sizes[0]
+    baseline_s = single_process(os.path.join(args.workdir, f"ag_{base}.csv"), os.path.join(args.workdir, "single.parquet"),
+                                load_config(None, ["data.num_classes=4"]))
+    doc = {
+        "benchmark": "prepare",
+        "data": "AG News train rows resampled with a fixed seed (2015) from data/sample/ag_news/train.csv.gz",
+        "spark_master": "local[2]",
+        "machine": machine(),
+        "sizes": results,
+        f"single_process_{base}_rows": {"wall_s": round(baseline_s, 2), "rows_per_s": round(base / baseline_s)},
+        f"spark_vs_single_process_speedup_at_{base}": round(baseline_s / results[base]["wall_s"], 2),
+        "driver_peak_rss_mb": peak_rss_mb(),
+    }
+    if len(sizes) > 1:
+        doc["cost_per_row_ratio_largest_vs_smallest"] = round(results[sizes[-1]]["us_per_row"] / results[base]["us_per_row"], 3)
+    emit(doc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Benchmark score: rows/s of the Spark job (local[2]) vs the same model predicting the same
+pre-featurized rows in one plain Python process (the ceiling), and vs a row-at-a-time Python
+UDF doing the whole per-row work. Rows: AG News train rows resampled with a fixed seed.
+
+    .venv/bin/python bench/score_bench.py [--rows 100000] [--udf-rows 10000] [--model runs/demo/train/model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+from common import AG_TEST, AG_TRAIN, emit, machine, resampled_ag_news
+
+from dl_pipeline.bundle import load_bundle
+from dl_pipeline.config import SparkConfig, load_config, replace
+from dl_pipeline.features import clean_record, featurize_texts
+from dl_pipeline.prepare import prepare_dataset
+from dl_pipeline.score import _predict, score_batch
+from dl_pipeline.sources import parse_zhang_line
+from dl_pipeline.spark import get_spark
+from dl_pipeline.train.driver import train_model
+
+
+def _model(spark, workdir: str, model: str | None) -> str:
+    if model:
+        return model
+    path = os.path.join(workdir, "run", "model")
+    if not os.path.exists(path):
+        cfg = load_config(None, [
+            f"data.train_path={AG_TRAIN}", f"data.test_path={AG_TEST}", "data.num_classes=4",
+            f"prepare.output_path={workdir}/prepared", f"train.data_path={workdir}/prepared",
+            f"train.run_dir={workdir}/run", "shard.max_workers=2", "train.launcher=local", "train.epochs=2",
+            "train.progress=false",
+        ])
+        prepare_dataset(spark, cfg)
+        train_model(cfg)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--udf-rows", type=int, default=10_000)
+    ap.add_argument("--model")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dlp-score-bench"))
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    spark = get_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "4"}))
+    model_path = _model(spark, args.workdir, args.model)
+    data = resampled_ag_news(args.rows, os.path.join(args.workdir, f"ag_{args.rows}.csv"))
+    out = os.path.join(args.workdir, "scores")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(None, [f"score.model_path={model_path}", f"score.input_path={data}", f"score.output_path={out}",
+                             "score.run_date=2026-11-22", "data.num_classes=4"])
+    score_batch(spark, replace(cfg, score={"run_date": "2026-11-21"}))  # warm-up: JVM, Python workers
+    t0 = time.perf_counter()
+    summary = score_batch(spark, cfg)["summary"]
+    spark_s = time.perf_counter() - t0
+
+    # Ceiling: one process, 2 threads, same model, rows featurized beforehand (not timed).
+    torch.set_num_threads(2)
+    bundle = load_bundle(model_path)
+    with open(data, encoding="utf-8") as fh:
+        texts = [clean_record(parse_zhang_line(line.rstrip("\n"), 3)[1], ". ") for line in fh]
+    feats = featurize_texts(texts, bundle.featurizer)
+    feats = {k: v for k, v in feats.items() if k == "tokens"} if bundle.model_spec["name"] == "fasttext" else feats
+    t0 = time.perf_counter()
+    _predict(bundle, feats, 1024, 0)
+    ceiling_s = time.perf_counter() - t0
+    # The same per-row work (clean + featurize + predict) done in one process, for reference.
+    t0 = time.perf_counter()
+    _predict(bundle, featurize_texts(texts, bundle.featurizer), 1024, 0)
+    one_process_full_s = time.perf_counter() - t0 + 0.0
+
+    # Row-at-a-time Python UDF: the naive way (a plain udf, model cached per worker).
+    from pyspark.sql import functions as F
+
+    model_url = model_path
+
+    @F.udf("int")
+    def predict_row(title, text):
+        import dl_pipeline.score as s
+
+        b = s._bundle(model_url)
+        f = featurize_texts([clean_record([title, text], ". ")], b.featurizer)
+        return int(_predict(b, f, 1, 0)["index"][0]) + 1
+
+    rows = spark.read.csv(data).limit(args.udf_rows).cache()
+    rows.count()
+    t0 = time.perf_counter()
+    rows.select(predict_row("_c1", "_c2").alias("p")).write.mode("overwrite").format("noop").save()
+    udf_s = time.perf_counter() - t0
+
+    spark_rps = args.rows / spark_s
+    emit({
+        "benchmark": "score",
+        "data": f"{args.rows} AG News train rows resampled with a fixed seed (2015)",
+        "model": bundle.version,
+        "machine": machine(),
+        "spark_master": "local[2]",
+        "spark_job": {"wall_s": round(spark_s, 2), "rows_per_s": round(spark_rps), "rows_in": summary["rows_in"],
+                      "scored": summary["scored"]},
+        "ceiling_prefeaturized_one_process": {"wall_s": round(ceiling_s, 3), "rows_per_s": round(args.rows / ceiling_s)},
+        "one_process_clean_featurize_predict": {"wall_s": round(one_process_full_s, 2),
+                                                "rows_per_s": round(args.rows / one_process_full_s)},
+        "row_at_a_time_udf": {"rows": args.udf_rows, "wall_s": round(udf_s, 2), "rows_per_s": round(args.udf_rows / udf_s)},
+        "spark_vs_ceiling": round(spark_rps / (args.rows / ceiling_s), 4),
+        "spark_vs_one_process_full": round(spark_rps / (args.rows / one_process_full_s), 3),
+        "spark_vs_row_udf": round(spark_rps / (args.udf_rows / udf_s), 2),
+    })
+
+
+if __name__ == "__main__":
+    main()

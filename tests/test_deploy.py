@@ -1,0 +1,176 @@
+"""Where users run: the Databricks bundle, the notebooks, spark-submit on a standalone cluster."""
+
+import glob
+import json
+import os
+import re
+import runpy
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import AG_TEST, AG_TRAIN, ROOT
+
+NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.py")))
+
+
+def _console_scripts():
+    text = open(os.path.join(ROOT, "setup.py")).read()
+    return dict(re.findall(r'"([\w-]+)=([\w.]+:\w+)"', text))
+
+
+def test_databricks_bundle_names_only_things_that_exist():
+    from dl_pipeline.cli import COMMANDS
+
+    doc = yaml.safe_load(open(os.path.join(ROOT, "databricks.yml")))
+    scripts = _console_scripts()
+    assert os.path.exists(os.path.join(ROOT, doc["variables"]["config"]["default"]))
+    tasks = [t for job in doc["resources"]["jobs"].values() for t in job["tasks"]]
+    assert len(tasks) >= 4
+    for task in tasks:
+        if "python_wheel_task" in task:
+            w = task["python_wheel_task"]
+            assert w["package_name"] == "dl_pipeline" and w["entry_point"] in scripts
+            assert w["parameters"][0] in COMMANDS
+            for i, arg in enumerate(w["parameters"]):
+                if arg == "--set":
+                    assert re.match(r"^\w+\.\w+=", w["parameters"][i + 1]), w["parameters"][i + 1]
+        elif "notebook_task" in task:
+            path = os.path.join(ROOT, task["notebook_task"]["notebook_path"])
+            assert os.path.exists(path), path
+            assert os.path.exists(os.path.join(ROOT, task["notebook_task"]["base_parameters"]["config"]))
+        else:
+            pytest.fail(f"unexpected task type in {task['task_key']}")
+    score = doc["resources"]["jobs"]["dl_pipeline_score"]
+    assert len(score["schedule"]["quartz_cron_expression"].split()) in (6, 7)
+    assert "--run-date" in score["tasks"][0]["python_wheel_task"]["parameters"]
+    dev = doc["targets"]["dev"]["resources"]["jobs"]["dl_pipeline_score"]["schedule"]
+    assert dev["pause_status"] == "PAUSED"
+    train = doc["resources"]["jobs"]["dl_pipeline_train"]["job_clusters"][0]["new_cluster"]
+    assert "gpu-ml" in train["spark_version"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebooks_are_databricks_source_format(path):
+    text = open(path).read()
+    assert text.startswith("# Databricks notebook source\n")
+    assert "# COMMAND ----------" in text and "# MAGIC %md" in text
+    assert "**Widgets**" in text
+    # cells hold no logic of their own: no defs, classes or loops
+    assert not re.search(r"^\s*(def |class |for |while )", text, re.M)
+
+
+@pytest.mark.slow
+def test_every_notebook_runs_end_to_end(spark, tmp_path, monkeypatch):
+    common = [f"data.train_path={AG_TRAIN}", f"data.test_path={AG_TEST}", f"prepare.output_path={tmp_path}/prepared",
+              f"train.data_path={tmp_path}/prepared", f"train.run_dir={tmp_path}/run", "shard.max_workers=2",
+              "train.epochs=1", "train.num_proc=2", "train.progress=false", f"score.model_path={tmp_path}/run/model",
+              f"score.output_path={tmp_path}/scores"]
+    monkeypatch.chdir(os.path.join(ROOT, "notebooks"))  # as Databricks Repos runs them
+    for name, date in (("01_prepare.py", ""), ("02_train.py", ""), ("03_score.py", "2026-11-01"), ("00_quickstart.py", "2026-11-02")):
+        monkeypatch.setenv("DL_PIPELINE_WIDGETS", json.dumps({"overrides": "; ".join(common), "run_date": date}))
+        runpy.run_path(os.path.join(ROOT, "notebooks", name), init_globals={"spark": spark}, run_name="__main__")
+    for date in ("2026-11-01", "2026-11-02"):
+        assert pq.read_table(f"{tmp_path}/scores/dt={date}").num_rows == 7600
+    assert os.path.exists(f"{tmp_path}/run/model/model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real standalone cluster: one master and two workers on 127.0.0.1, spark-submit against it.
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, seconds, what):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(1)
+    raise TimeoutError(what)
+
+
+@pytest.fixture
+def standalone_cluster(tmp_path):
+    import pyspark
+
+    home = os.path.dirname(pyspark.__file__)
+    env = {**os.environ, "SPARK_HOME": home, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    port = _free_port()
+    master_url = f"spark://127.0.0.1:{port}"
+    cls = os.path.join(home, "bin", "spark-class")
+    procs, logs = [], []
+
+    def start(args, name):
+        log = open(tmp_path / f"{name}.log", "w")
+        logs.append((name, tmp_path / f"{name}.log"))
+        procs.append(subprocess.Popen([cls, *args], env=env, stdout=log, stderr=subprocess.STDOUT))
+
+    try:
+        start(["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+               "--webui-port", str(_free_port())], "master")
+        _wait_for(lambda: "I have been elected leader" in open(tmp_path / "master.log").read(), 90, "master start")
+        for i in range(2):
+            start(["org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1", "--memory", "1536m",
+                   "--webui-port", str(_free_port()), "--work-dir", str(tmp_path / f"work{i}"), master_url], f"worker{i}")
+        _wait_for(lambda: open(tmp_path / "master.log").read().count("Registering worker") >= 2, 90, "workers")
+        yield master_url, env
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.mark.slow
+def test_spark_submit_on_standalone_cluster(standalone_cluster, tmp_path):
+    master, env = standalone_cluster
+    zpath = tmp_path / "dl_pipeline.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for f in glob.glob(os.path.join(ROOT, "dl_pipeline", "**", "*.py"), recursive=True):
+            z.write(f, os.path.relpath(f, ROOT))
+    shutil.copy(os.path.join(ROOT, "conf", "demo.yaml"), tmp_path / "demo.yaml")
+    submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
+    common = ["--set", f"data.train_path={AG_TRAIN}", "--set", f"data.test_path={AG_TEST}",
+              "--set", f"prepare.output_path={tmp_path}/prepared", "--set", f"train.data_path={tmp_path}/prepared",
+              "--set", f"train.run_dir={tmp_path}/run", "--set", "shard.max_workers=2", "--set", "train.epochs=1",
+              "--set", "train.num_proc=2", "--set", "horovod.nics=[lo]", "--set", "train.progress=false",
+              "--set", f"score.model_path={tmp_path}/run/model", "--set", f"score.input_path={AG_TEST}",
+              "--set", f"score.output_path={tmp_path}/scores"]
+
+    def run(job, *extra):
+        cmd = [submit, "--master", master, "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.ui.enabled=false",
+               "--conf", f"spark.pyspark.python={sys.executable}", "--executor-memory", "1g",
+               "--py-files", str(zpath), "--files", str(tmp_path / "demo.yaml"),
+               os.path.join(ROOT, "jobs", job), "--config", str(tmp_path / "demo.yaml"), *common, *extra]
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{job} failed:\n{proc.stderr[-4000:]}"
+        return proc
+
+    run("prepare_data.py")
+    manifest = json.load(open(tmp_path / "prepared" / "manifest.json"))
+    assert manifest["counts"]["input_rows"] == 18029
+    run("train.py")
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert metrics["world_size"] == 2 and metrics["test"]["rows"] == 7600
+    scored = run("score.py", "--run-date", "2026-11-22")
+    summary = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert summary["rows_in"] == summary["scored"] == 7600
+    assert pq.read_table(f"{tmp_path}/scores/dt=2026-11-22").num_rows == 7600
+    # the three jobs really ran on the cluster (a local master would register nothing)
+    assert open(tmp_path / "master.log").read().count("Registering app") == 3
