@@ -52,10 +52,16 @@ def overrides(text: str) -> list[str]:
     return [part.strip() for chunk in text.splitlines() for part in chunk.split(";") if part.strip()]
 
 
-def repo_path(path: str) -> str:
-    """Resolve a repo-relative path from a notebook's working directory (Databricks Repos
-    runs notebooks in their own folder; scripts and tests run from the repo root)."""
-    if os.path.isabs(path) or os.path.exists(path) or "://" in path:
-        return path
-    parent = os.path.join("..", path)
-    return parent if os.path.exists(parent) else path
+def use_repo_root(marker: str = "conf") -> str:
+    """chdir to the repository root (the nearest parent holding ``conf/``), so the relative
+    paths in conf/*.yaml work: Databricks Repos starts a notebook in its own folder."""
+    here = os.path.abspath(os.getcwd())
+    probe = here
+    while True:
+        if os.path.isdir(os.path.join(probe, marker)) and os.path.isdir(os.path.join(probe, "dl_pipeline")):
+            os.chdir(probe)
+            return probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return here  # not inside the repo (an installed wheel): paths must be absolute URIs
+        probe = parent

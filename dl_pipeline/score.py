@@ -79,6 +79,8 @@ def _read_input(spark, cfg: Config, path: str):
     from dl_pipeline.sources import read_text
 
     s = cfg.score
+    if not fsutil.expand(path):
+        raise UserError(f"score.input_path={path}: no such file or directory (for run date {s.run_date or 'today'}); fix the path or --run-date")
     if s.input_format == "zhang_csv":
         data = DataConfig(**{**cfg.data.__dict__, "format": "zhang_csv"})
         df = read_text(spark, path, "score", data)
@@ -88,8 +90,6 @@ def _read_input(spark, cfg: Config, path: str):
             raise UserError(f"score.id_columns {unknown}: a Zhang CSV has only source_file, row_number, label_raw")
         return df.select(*ids, "parts", "raw", "reason"), ids
     data = cfg.data
-    if not fsutil.expand(path):
-        raise UserError(f"score.input_path={path}: no such file or directory")
     reader = spark.read
     if s.input_format == "csv":
         reader = reader.option("header", True).option("multiLine", data.multiline).option("escape", '"')

@@ -10,13 +10,15 @@
 # COMMAND ----------
 
 from dl_pipeline.config import load_config
-from dl_pipeline.notebook import overrides, repo_path, widgets
+from dl_pipeline.notebook import overrides, use_repo_root, widgets
+
+use_repo_root()  # conf/*.yaml paths are repo-relative
 
 w = widgets(globals())
 w.text("config", "conf/demo.yaml", "Config file")
 w.text("overrides", "", "Overrides (a.b=1; c.d=2)")
 w.dropdown("resume", "false", ["false", "true"], "Resume")
-cfg = load_config(repo_path(w.get("config")), [*overrides(w.get("overrides")), f"train.resume={w.get('resume')}"])
+cfg = load_config(w.get("config"), [*overrides(w.get("overrides")), f"train.resume={w.get('resume')}"])
 
 # COMMAND ----------
 
