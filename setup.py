@@ -3,7 +3,8 @@ from setuptools import find_packages, setup
 
 def _requirements(path):
     with open(path) as fh:
-        return [ln.strip() for ln in fh if ln.strip() and not ln.startswith("#")]
+        lines = (ln.split("#", 1)[0].strip() for ln in fh)
+        return [ln for ln in lines if ln]
 
 
 setup(

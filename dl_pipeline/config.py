@@ -172,6 +172,8 @@ class TrainConfig:
     resume: bool = False
     log_every_steps: int = 50
     progress: bool = True
+    mlflow_tracking_uri: str = ""
+    mlflow_experiment: str = "dl_pipeline"
 
     def __post_init__(self) -> None:
         _one_of("train", "launcher", self.launcher, ("spark", "horovodrun", "local"))

@@ -230,6 +230,7 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     }
     if summary["scored"] + summary["rejected"] != rows_in:
         raise PipelineError(f"score accounting broken: {json.dumps(summary)}")
-    fsutil.write_text_atomic(fsutil.join(out, "_runs", f"{date}.json"), json.dumps(summary, indent=2, sort_keys=True))
+    record = {**summary, "config": cfg.to_dict()}  # the resolved config travels with every output
+    fsutil.write_text_atomic(fsutil.join(out, "_runs", f"{date}.json"), json.dumps(record, indent=2, sort_keys=True))
     log.info("score summary: %s", json.dumps(summary, sort_keys=True))
     return {"summary": summary}

@@ -219,3 +219,30 @@ def test_user_errors_are_one_line(spark, tmp_path):
         prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", f"prepare.output_path={tmp_path}/x"]))
     with pytest.raises(UserError, match="prepare.output_path is not set"):
         prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", "data.num_classes=4"]))
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet", "csv"])
+def test_named_column_formats(spark, tmp_path, fmt):
+    import pandas as pd
+
+    rows = pd.DataFrame({
+        "topic": [1, 2, 3, 4, 2, 7],
+        "headline": ["Markets rally", "Cup final", "Oil price", "New chip", "Cup final", "Bad label"],
+        "body": ["stocks up", "team wins", "crude falls", "faster cpu", "team wins", "x"],
+    })
+    path = tmp_path / f"in.{fmt}"
+    if fmt == "json":
+        rows.to_json(path, orient="records", lines=True)
+    elif fmt == "parquet":
+        rows.to_parquet(path)
+    else:
+        rows.to_csv(path, index=False)
+    cfg = _config(tmp_path, f"data.format={fmt}", f"data.train_path={path}", "data.label_column=topic",
+                  "data.text_columns=[headline, body]", "shard.val_fraction=0")
+    manifest = prepare_dataset(spark, cfg)
+    assert manifest["counts"]["input_rows"] == 6
+    assert manifest["counts"]["clean_rows"] == 4 and manifest["counts"]["duplicate_rows"] == 1
+    assert manifest["rejects_by_reason"] == {"label_out_of_range": 1}
+    with pytest.raises(UserError, match="column\\(s\\) title not found"):
+        prepare_dataset(spark, _config(tmp_path, f"data.format={fmt}", f"data.train_path={path}",
+                                       "data.label_column=topic", "data.text_columns=[title]"))

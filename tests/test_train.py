@@ -146,3 +146,21 @@ def test_model_shapes(name, batch):
     feat = image_spec(DataConfig()) if name == "cnn" else text_spec(FeaturesConfig(hash_buckets=50), DataConfig())
     model = build_model(model_spec(name, feat, 5, 8, "small", 0.5)).eval()
     assert model(batch).shape == (3, 5)
+
+
+def test_mlflow_logs_params_metrics_and_bundle_when_configured(small_uneven, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a DB; a file store is enough here
+
+    uri = f"file://{tmp_path}/mlruns"
+    train_model(replace(small_uneven, train={"launcher": "local", "epochs": 2, "run_dir": str(tmp_path / "run"),
+                                             "mlflow_tracking_uri": uri, "mlflow_experiment": "dlp-test"}))
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("dlp-test").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["model.name"] == "fasttext" and run.data.params["train.epochs"] == "2"
+    assert 0 < run.data.metrics["test_accuracy"] <= 1 and "val_loss" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+    assert "model/model.safetensors" in [a.path for a in client.list_artifacts(run.info.run_id, "model")]

@@ -134,3 +134,47 @@ def write_outputs(p: dict[str, Any], model, metrics: dict, confusion: list[list[
     labels = {"label_base": p["label_base"], "names": p["label_names"]}
     final = {"val": metrics["val"], "test": metrics["test"]}
     save_bundle(os.path.join(run_dir, "model"), model, p["model_spec"], p["featurizer"], labels, final)
+    log_to_mlflow(p, metrics)
+
+
+def _flat(prefix: str, doc: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flat(key, v))
+        elif not isinstance(v, (list, tuple)):
+            out[key] = v
+    return out
+
+
+def log_to_mlflow(p: dict[str, Any], metrics: dict) -> str | None:
+    """Log params, per-epoch and final metrics and the bundle to MLflow; a no-op unless a
+    tracking URI is configured (train.mlflow_tracking_uri or MLFLOW_TRACKING_URI). Returns the
+    run id. Training never fails because of tracking: problems are logged as warnings."""
+    import logging
+
+    log = logging.getLogger("dl_pipeline.train")
+    uri = p.get("mlflow_tracking_uri")
+    if not uri:
+        return None
+    try:
+        import mlflow
+    except ImportError:
+        log.warning("MLflow tracking URI %s is set but mlflow is not installed; skipping MLflow logging", uri)
+        return None
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(p["mlflow_experiment"])
+        with mlflow.start_run() as run:
+            params = _flat("", {k: p["config"][k] for k in ("model", "train", "features", "hogwild") if k in p.get("config", {})})
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            for h in metrics["history"]:
+                mlflow.log_metrics({k: float(v) for k, v in h.items() if k not in ("type", "epoch", "step")}, step=h["step"])
+            final = {f"{s}_{k}": float(v) for s in ("val", "test") for k, v in (metrics[s] or {}).items() if v is not None}
+            mlflow.log_metrics(final)
+            mlflow.log_artifacts(os.path.join(p["run_dir"], "model"), artifact_path="model")
+            return run.info.run_id
+    except Exception as exc:  # tracking server down, auth, ...: the model is already saved
+        log.warning("MLflow logging to %s failed: %s", uri, exc)
+        return None

@@ -96,6 +96,9 @@ def build_params(cfg: Config, world_size: int) -> dict[str, Any]:
         "fp16_allreduce": cfg.horovod.fp16_allreduce,
         "threads_per_rank": max(1, (os.cpu_count() or 1) // max(1, world_size if t.launcher != "local" else 1)),
         "world_size": world_size,
+        "mlflow_tracking_uri": t.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
+        "mlflow_experiment": t.mlflow_experiment,
+        "config": cfg.to_dict(),
         # Test hook: the rank process dies (os._exit) after this global step, like a lost node.
         "fail_at_step": int(os.environ.get("DL_PIPELINE_FAIL_AT_STEP", "0")),
     }
