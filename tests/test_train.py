@@ -161,6 +161,6 @@ def test_mlflow_logs_params_metrics_and_bundle_when_configured(small_uneven, tmp
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["model.name"] == "fasttext" and run.data.params["train.epochs"] == "2"
-    assert 0 < run.data.metrics["test_accuracy"] <= 1 and "val_loss" in run.data.metrics
+    assert 0 < run.data.metrics["final_test_accuracy"] <= 1 and "final_val_loss" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     assert "model/model.safetensors" in [a.path for a in client.list_artifacts(run.info.run_id, "model")]

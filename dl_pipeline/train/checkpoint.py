@@ -171,7 +171,7 @@ def log_to_mlflow(p: dict[str, Any], metrics: dict) -> str | None:
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             for h in metrics["history"]:
                 mlflow.log_metrics({k: float(v) for k, v in h.items() if k not in ("type", "epoch", "step")}, step=h["step"])
-            final = {f"{s}_{k}": float(v) for s in ("val", "test") for k, v in (metrics[s] or {}).items() if v is not None}
+            final = {f"final_{s}_{k}": float(v) for s in ("val", "test") for k, v in (metrics[s] or {}).items() if v is not None}
             mlflow.log_metrics(final)
             mlflow.log_artifacts(os.path.join(p["run_dir"], "model"), artifact_path="model")
             return run.info.run_id
