@@ -103,19 +103,27 @@ def resolve_duplicates(df):
     duplicates -> the first (by file, row number) kept, the rest marked ``duplicate``.
 
     Decided per origin: a training row that also appears in the test file stays in both, the
-    test file is the benchmark's and must keep all its rows.
+    test file is the benchmark's and must keep all its rows. One window pass over all rows (a
+    union of filtered branches would read and clean the input twice); already-rejected rows
+    get a key of their own so they neither group together nor skew one task.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    key = Window.partitionBy("origin", "h")
-    ordered = key.orderBy(F.col("source_file"), F.col("row_number").asc_nulls_last(), F.col("raw"))
     ok = F.col("reason").isNull()
+    group = F.when(ok, F.col("h")).otherwise(F.xxhash64("source_file", "row_number", "raw"))
+    df = df.withColumn("_g", group)
+    key = Window.partitionBy("origin", "_g")
+    ordered = key.orderBy(F.col("source_file"), F.col("row_number").asc_nulls_last(), F.col("raw"))
     conflict = F.min("label").over(key) != F.max("label").over(key)
     first = F.row_number().over(ordered) == 1
-    valid = df.filter(ok)
-    valid = valid.withColumn("reason", F.when(conflict, F.lit("conflicting_labels")).when(~first, F.lit("duplicate")))
-    return valid.unionByName(df.filter(~ok))
+    reason = F.when(ok & conflict, F.lit("conflicting_labels")).when(ok & ~first, F.lit("duplicate")).otherwise(F.col("reason"))
+    # Clean rows no longer need their raw record or split-out fields: keep the cache small.
+    return (
+        df.withColumn("reason", reason)
+        .withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw")))
+        .drop("_g", "parts")
+    )
 
 
 def assign_splits(shard: ShardConfig, has_test_file: bool):
