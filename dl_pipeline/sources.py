@@ -28,7 +28,6 @@ from dl_pipeline.config import DataConfig
 from dl_pipeline.errors import UserError
 
 _FIELD_LIMIT = 1 << 30
-RAW_COLUMNS = ("origin", "source_file", "row_number", "label_raw", "parts", "content", "raw", "reason")
 
 
 def _check_inputs(path: str, key: str) -> list[str]:
