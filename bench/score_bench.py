@@ -20,7 +20,7 @@ from dl_pipeline.bundle import load_bundle
 from dl_pipeline.config import SparkConfig, load_config, replace
 from dl_pipeline.features import clean_record, featurize_texts
 from dl_pipeline.prepare import prepare_dataset
-from dl_pipeline.score import _predict, score_batch
+from dl_pipeline.score import _predict, predict_texts, score_batch
 from dl_pipeline.sources import parse_zhang_line
 from dl_pipeline.spark import get_spark
 from dl_pipeline.train.driver import train_model
@@ -74,8 +74,8 @@ def main() -> None:
     ceiling_s = time.perf_counter() - t0
     # The same per-row work (clean + featurize + predict) done in one process, for reference.
     t0 = time.perf_counter()
-    _predict(bundle, featurize_texts(texts, bundle.featurizer), 1024, 0)
-    one_process_full_s = time.perf_counter() - t0 + 0.0
+    predict_texts(bundle, texts, 1024)
+    one_process_full_s = time.perf_counter() - t0
 
     # Row-at-a-time Python UDF: the naive way (a plain udf, model cached per worker).
     from pyspark.sql import functions as F
