@@ -137,6 +137,7 @@ class ModelConfig:
     embed_dim: int = 32
     char_cnn_size: str = "small"
     dropout: float = 0.5
+    sparse_embeddings: bool = True
 
     def __post_init__(self) -> None:
         _one_of("model", "name", self.name, ("fasttext", "char_cnn", "cnn"))

@@ -18,10 +18,11 @@ FEATURE_OF = {"fasttext": "tokens", "char_cnn": "chars", "cnn": "image"}
 
 
 class FastText(nn.Module):
-    def __init__(self, num_buckets: int, embed_dim: int, num_classes: int):
+    def __init__(self, num_buckets: int, embed_dim: int, num_classes: int, sparse: bool = False):
         super().__init__()
-        # +1: index 0 is padding, excluded from the bag mean.
-        self.embedding = nn.EmbeddingBag(num_buckets + 1, embed_dim, mode="mean", padding_idx=0)
+        # +1: index 0 is padding, excluded from the bag mean. Sparse gradients touch only the
+        # rows a batch uses: far less to allreduce than the whole table (see train/optim.py).
+        self.embedding = nn.EmbeddingBag(num_buckets + 1, embed_dim, mode="mean", padding_idx=0, sparse=sparse)
         self.fc = nn.Linear(embed_dim, num_classes)
         nn.init.uniform_(self.embedding.weight, -1.0 / embed_dim, 1.0 / embed_dim)
         with torch.no_grad():
@@ -82,11 +83,12 @@ class LeNet(nn.Module):
         return self.fc(self.features(x))
 
 
-def model_spec(name: str, featurizer: dict[str, Any], num_classes: int, embed_dim: int, char_cnn_size: str, dropout: float) -> dict[str, Any]:
+def model_spec(name: str, featurizer: dict[str, Any], num_classes: int, embed_dim: int, char_cnn_size: str, dropout: float,
+               sparse_embeddings: bool = False) -> dict[str, Any]:
     """Everything needed to rebuild the model: stored as the bundle's model.json."""
     spec: dict[str, Any] = {"name": name, "num_classes": num_classes, "dropout": dropout}
     if name == "fasttext":
-        spec.update(num_buckets=featurizer["tokens"]["buckets"], embed_dim=embed_dim)
+        spec.update(num_buckets=featurizer["tokens"]["buckets"], embed_dim=embed_dim, sparse=sparse_embeddings)
     elif name == "char_cnn":
         spec.update(alphabet_size=len(featurizer["chars"]["alphabet"]), length=featurizer["chars"]["length"], size=char_cnn_size)
     else:
@@ -98,7 +100,7 @@ def model_spec(name: str, featurizer: dict[str, Any], num_classes: int, embed_di
 def build_model(spec: dict[str, Any]) -> nn.Module:
     name, k = spec["name"], spec["num_classes"]
     if name == "fasttext":
-        return FastText(spec["num_buckets"], spec["embed_dim"], k)
+        return FastText(spec["num_buckets"], spec["embed_dim"], k, spec.get("sparse", False))
     if name == "char_cnn":
         return CharCNN(spec["alphabet_size"], spec["length"], k, spec["size"], spec["dropout"])
     if name == "cnn":

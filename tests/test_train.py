@@ -164,3 +164,29 @@ def test_mlflow_logs_params_metrics_and_bundle_when_configured(small_uneven, tmp
     assert 0 < run.data.metrics["final_test_accuracy"] <= 1 and "final_val_loss" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     assert "model/model.safetensors" in [a.path for a in client.list_artifacts(run.info.run_id, "model")]
+
+
+def test_mixed_adam_equals_adam_on_dense_and_sparse_adam_on_sparse():
+    from dl_pipeline.train.optim import MixedAdam
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    ref, mixed = torch.optim.Adam([a], lr=0.01), MixedAdam([b], lr=0.01)
+    for _ in range(5):
+        g = torch.randn(5, 3)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        mixed.step()
+    assert torch.allclose(a, b, atol=1e-6)
+    e1 = torch.nn.EmbeddingBag(10, 4, sparse=True)
+    e2 = torch.nn.EmbeddingBag(10, 4, sparse=True)
+    e2.load_state_dict(e1.state_dict())
+    ref, mixed = torch.optim.SparseAdam(e1.parameters(), lr=0.01), MixedAdam(e2.parameters(), lr=0.01)
+    for _ in range(5):
+        x = torch.randint(0, 10, (3, 4))
+        for emb, opt in ((e1, ref), (e2, mixed)):
+            opt.zero_grad()
+            emb(x).sum().backward()
+            opt.step()
+    assert torch.allclose(e1.weight, e2.weight, atol=1e-6)

@@ -60,7 +60,7 @@ def build_params(cfg: Config, world_size: int) -> dict[str, Any]:
         raise UserError(f"{t.data_path}: the val split is empty; re-run prepare with shard.val_fraction > 0")
     steps = t.steps_per_epoch or max(1, splits["train"]["rows"] // (world_size * t.batch_size))
     spec = model_spec(cfg.model.name, manifest["featurizer"], manifest["num_classes"], cfg.model.embed_dim,
-                      cfg.model.char_cnn_size, cfg.model.dropout)
+                      cfg.model.char_cnn_size, cfg.model.dropout, cfg.model.sparse_embeddings)
     return {
         "data_url": fsutil.to_url(t.data_path).rstrip("/"),
         "run_dir": fsutil.local_path(t.run_dir) or t.run_dir,

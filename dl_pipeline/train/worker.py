@@ -59,9 +59,12 @@ def _device(choice: str, comm: Comm):
 def _optimizer(p: dict[str, Any], model):
     import torch
 
+    from dl_pipeline.train.optim import MixedAdam
+
     if p["optimizer"] == "sgd":
+        # torch's SGD takes sparse gradients as they are (no weight decay on them).
         return torch.optim.SGD(model.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
-    return torch.optim.Adam(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+    return MixedAdam(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
 
 
 def _evaluate_split(p: dict[str, Any], split: str, model, comm: Comm, device) -> tuple[dict, Any]:
