@@ -246,3 +246,24 @@ def test_named_column_formats(spark, tmp_path, fmt):
     with pytest.raises(UserError, match="column\\(s\\) title not found"):
         prepare_dataset(spark, _config(tmp_path, f"data.format={fmt}", f"data.train_path={path}",
                                        "data.label_column=topic", "data.text_columns=[title]"))
+
+
+def test_multiline_records_with_real_newlines(spark, tmp_path):
+    """Yelp-style 2-field CSV with newlines inside quoted text: Spark's multiLine CSV path."""
+    path = tmp_path / "yelp.csv"
+    path.write_text(
+        '"1","line one\nline two of the same review"\n'
+        '"2","plain review"\n'
+        '"2","plain review"\n'
+        '"3","only","three"\n'
+        '"x","bad label"\n'
+    )
+    cfg = _config(tmp_path, f"data.train_path={path}", "data.num_fields=2", "data.num_classes=2",
+                  "data.multiline=true", "shard.val_fraction=0")
+    manifest = prepare_dataset(spark, cfg)
+    c = manifest["counts"]
+    assert (c["input_rows"], c["clean_rows"], c["duplicate_rows"], c["rejected_rows"]) == (5, 2, 1, 2)
+    assert manifest["rejects_by_reason"] == {"label_not_integer": 1, "malformed_record": 1}
+    rejects = pq.read_table(str(tmp_path / "out" / "rejects")).to_pandas()
+    assert sorted(zip(rejects["row_number"], rejects["reason"], strict=True)) == [
+        (3, "duplicate"), (4, "malformed_record"), (5, "label_not_integer")]
