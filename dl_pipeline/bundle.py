@@ -18,6 +18,7 @@ import os
 import platform
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from dl_pipeline import fsutil
@@ -38,6 +39,19 @@ class Bundle:
     @property
     def version(self) -> str:
         return self.versions["model_version"]
+
+    @cached_property
+    def model_featurizer(self) -> dict[str, Any]:
+        """The featurizer spec with only the feature this model reads switched on (a fastText
+        model needs no 1014-char quantization per row); computed once per loaded bundle."""
+        from dl_pipeline.models import FEATURE_OF
+
+        need = FEATURE_OF[self.model_spec["name"]]
+        spec = json.loads(json.dumps(self.featurizer))
+        for name in ("chars", "tokens"):
+            if name in spec:
+                spec[name]["enabled"] = name == need
+        return spec
 
 
 def save_bundle(path: str, model, model_spec: dict, featurizer: dict, labels: dict, metrics: dict) -> str:

@@ -47,22 +47,9 @@ def run_date(score: ScoreConfig) -> str:
         raise UserError(f"score.run_date={score.run_date!r}: expected YYYY-MM-DD, e.g. --run-date 2026-11-22") from None
 
 
-def model_featurizer(bundle) -> dict[str, Any]:
-    """The bundle's featurizer spec with only the feature its model reads switched on (a
-    fastText model needs no 1014-char quantization per row). Values are unchanged."""
-    from dl_pipeline.models import FEATURE_OF
-
-    need = FEATURE_OF[bundle.model_spec["name"]]
-    spec = json.loads(json.dumps(bundle.featurizer))
-    for name in ("chars", "tokens"):
-        if name in spec:
-            spec[name]["enabled"] = name == need
-    return spec
-
-
 def predict_texts(bundle, texts: list[str], batch_size: int, top_k: int = 0) -> dict[str, np.ndarray]:
     """Cleaned texts -> {index [n], probability [n], topk_index [n,k], topk_prob [n,k]}."""
-    feats = features.featurize_texts(texts, model_featurizer(bundle))
+    feats = features.featurize_texts(texts, bundle.model_featurizer)
     return _predict(bundle, feats, batch_size, top_k)
 
 
