@@ -73,7 +73,6 @@ def _predict(bundle, feats: dict[str, np.ndarray], batch_size: int, top_k: int) 
 def _read_input(spark, cfg: Config, path: str):
     """-> DataFrame(ids..., parts array<string>, raw string, reason string)."""
     from pyspark.sql import functions as F
-    from pyspark.sql.types import StringType
 
     from dl_pipeline.sources import read_text
 
@@ -97,9 +96,10 @@ def _read_input(spark, cfg: Config, path: str):
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise UserError(f"{path}: column(s) {', '.join(missing)} not found (have: {', '.join(df.columns)}); set score.id_columns / data.text_columns")
-    atomic = [c for c in data.text_columns if not isinstance(df.schema[c].dataType, (StringType,)) and df.schema[c].dataType.typeName() in ("struct", "array", "map", "binary")]
-    parts = F.array(*[F.col(c).cast("string") if c not in atomic else F.lit(None).cast("string") for c in data.text_columns])
-    reason = F.when(F.lit(bool(atomic)), F.lit("text_not_string"))
+    # Numbers cast to text fine; a struct/array/map/binary "text" column cannot be scored.
+    nested = [c for c in data.text_columns if df.schema[c].dataType.typeName() in ("struct", "array", "map", "binary")]
+    parts = F.array(*[F.lit(None).cast("string") if c in nested else F.col(c).cast("string") for c in data.text_columns])
+    reason = F.when(F.lit(bool(nested)), F.lit("text_not_string"))
     if "_corrupt_record" in df.columns:
         reason = F.coalesce(reason, F.when(F.col("_corrupt_record").isNotNull(), F.lit("malformed_record")))
     raw = F.to_json(F.struct(*[F.col(c) for c in df.columns]))

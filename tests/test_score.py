@@ -134,3 +134,16 @@ def test_missing_model_is_a_user_error(spark, scored, tmp_path):
     cfg, _ = scored
     with pytest.raises(UserError, match="not a model bundle"):
         score_batch(spark, replace(cfg, score={"model_path": str(tmp_path)}))
+
+
+def test_nested_text_column_is_rejected_not_fatal(spark, ag_model, tmp_path):
+    cfg, _ = ag_model
+    rows = [{"id": 1, "title": "a", "text": {"nested": "x"}}, {"id": 2, "title": "b", "text": {"nested": "y"}}]
+    (tmp_path / "in.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_format": "json",
+                              "input_path": str(tmp_path / "in.json"), "output_path": str(tmp_path / "out"),
+                              "run_date": "2026-11-22", "id_columns": ["id"]},
+                  data={"text_columns": ["title", "text"]})
+    summary = score_batch(spark, cfg)["summary"]
+    assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (2, 0, 2)
+    assert summary["rejects_by_reason"] == {"text_not_string": 2}
