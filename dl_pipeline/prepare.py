@@ -2,8 +2,8 @@
 
 Pipeline (each step a ``DataFrame -> DataFrame`` transform)::
 
-    read_raw -> parse_labels -> clean_content -> resolve_duplicates -> assign_splits
-             -> persist -> counts (accounting identity checked) -> rejects/ + train/ val/ test/
+    read_raw -> parse_labels -> clean_content -> resolve_duplicates (the one shuffle) -> assign_splits
+             -> persist -> counts (accounting identity checked) -> rejects/ + train/ val/ test/ (one job)
 
 Every input row ends in exactly one place: a split, ``rejects/`` with a reason, or (for exact
 duplicates, also kept in ``rejects/`` with reason ``duplicate``) counted as a duplicate.
@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,7 @@ import pandas as pd
 from dl_pipeline import dataset, features, fsutil
 from dl_pipeline.config import Config, DataConfig, ShardConfig
 from dl_pipeline.errors import PipelineError, UserError
-from dl_pipeline.sources import read_raw
+from dl_pipeline.sources import estimate_rows, read_raw
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,10 @@ def clean_content(data: DataConfig):
             reason = F.coalesce(reason, F.when(bad_utf8, F.lit("invalid_utf8")))
         reason = F.coalesce(reason, F.when(total_len > data.max_text_chars, F.lit("text_too_long")))
         df = df.withColumn("reason", reason)
-        df = df.withColumn("text", clean_udf(F.when(F.col("reason").isNull(), F.col("parts"))))
+        if "text" in df.columns:  # cleaned while parsing (line-mode CSV): no second Python pass
+            df = df.withColumn("text", F.when(F.col("reason").isNull(), F.col("text")))
+        else:
+            df = df.withColumn("text", clean_udf(F.when(F.col("reason").isNull(), F.col("parts"))))
         df = df.withColumn(
             "reason",
             F.coalesce("reason", F.when(F.col("text").isNull() | (F.length("text") == 0), F.lit("empty_text"))),
@@ -98,32 +101,49 @@ def clean_content(data: DataConfig):
     return transform
 
 
-def resolve_duplicates(df):
+def resolve_duplicates(num_row_groups: int, num_partitions: int, seed: int):
     """Same content with different labels -> all rejected (``conflicting_labels``); exact
     duplicates -> the first (by file, row number) kept, the rest marked ``duplicate``.
 
     Decided per origin: a training row that also appears in the test file stays in both, the
-    test file is the benchmark's and must keep all its rows. One window pass over all rows (a
-    union of filtered branches would read and clean the input twice); already-rejected rows
-    get a key of their own so they neither group together nor skew one task.
+    test file is the benchmark's and must keep all its rows.
+
+    The one shuffle of the job happens here: rows are hash-partitioned on ``_rg``, a seeded
+    hash of the content, into ``num_partitions`` partitions, and get ``_group`` = the same hash
+    modulo ``num_row_groups`` (a multiple of ``num_partitions``, so a group never spans two
+    partitions). All copies of a text meet in one task, so the window needs no second
+    exchange, and each group later becomes one row group of every split: groups are
+    near-equal (binomial), mix classes, and a row's group depends on its content only.
+    Already-rejected rows get a key of their own so they neither group together nor skew one
+    task.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    ok = F.col("reason").isNull()
-    group = F.when(ok, F.col("h")).otherwise(F.xxhash64("source_file", "row_number", "raw"))
-    df = df.withColumn("_g", group)
-    key = Window.partitionBy("origin", "_g")
-    ordered = key.orderBy(F.col("source_file"), F.col("row_number").asc_nulls_last(), F.col("raw"))
-    conflict = F.min("label").over(key) != F.max("label").over(key)
-    first = F.row_number().over(ordered) == 1
-    reason = F.when(ok & conflict, F.lit("conflicting_labels")).when(ok & ~first, F.lit("duplicate")).otherwise(F.col("reason"))
-    # Clean rows no longer need their raw record or split-out fields: keep the cache small.
-    return (
-        df.withColumn("reason", reason)
-        .withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw")))
-        .drop("_g", "parts")
-    )
+    def transform(df):
+        ok = F.col("reason").isNull()
+        group = F.when(ok, F.col("h")).otherwise(F.xxhash64("source_file", "row_number", "raw"))
+        df = df.withColumn("_g", group).withColumn("_rg", F.xxhash64("_g", F.lit(seed)))
+        # F.hash is the Murmur3 that HashPartitioning uses: pmod(hash, groups) mod partitions
+        # is the partition id, since partitions divide groups.
+        if num_row_groups % num_partitions:
+            raise ValueError(f"{num_partitions} partitions do not divide {num_row_groups} row groups")
+        df = df.withColumn("_group", F.pmod(F.hash("_rg"), F.lit(num_row_groups))).repartition(num_partitions, "_rg")
+        # (_rg, _g) rather than (_g): hash partitioning on _rg then satisfies the window's
+        # clustering, and _rg is a function of _g so the groups are the same.
+        key = Window.partitionBy("_rg", "_g", "origin")
+        ordered = key.orderBy(F.col("source_file"), F.col("row_number").asc_nulls_last(), F.col("raw"))
+        conflict = F.min("label").over(key) != F.max("label").over(key)
+        first = F.row_number().over(ordered) == 1
+        reason = F.when(ok & conflict, F.lit("conflicting_labels")).when(ok & ~first, F.lit("duplicate")).otherwise(F.col("reason"))
+        # Clean rows no longer need their raw record or split-out fields: keep the cache small.
+        return (
+            df.withColumn("reason", reason)
+            .withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw")))
+            .drop("_g", "_rg", "parts")
+        )
+
+    return transform
 
 
 def assign_splits(shard: ShardConfig, has_test_file: bool):
@@ -193,117 +213,134 @@ def choose_row_groups(n_rows: int, spec: dict[str, Any], shard: ShardConfig) -> 
     return max(1, min(n_rows, max(shard.max_workers * shard.row_groups_per_worker, by_size)))
 
 
-def _partition_keys(spark, n: int) -> list[int]:
-    """For g in 0..n-1 a long whose Spark hash partition (pmod(murmur3, n)) is exactly g.
+def choose_layout(n_rows: int, spec: dict[str, Any], shard: ShardConfig, shuffle_partitions: int) -> tuple[int, int]:
+    """(row groups, shuffle partitions): partitions divide groups; more groups than
+    ``spark.sql.shuffle.partitions`` are rounded up to a multiple of it."""
+    groups = max(1, choose_row_groups(n_rows, spec, shard))
+    if groups <= shuffle_partitions:
+        return groups, groups
+    return math.ceil(groups / shuffle_partitions) * shuffle_partitions, shuffle_partitions
 
-    ``repartition(n, col)`` then sends every row with key_g to partition g, one file each:
-    hash partitioning of 0..n-1 themselves would collide.
+
+def _featurize_udf(spec: dict[str, Any], spark_schema):
+    """Scalar Arrow UDF: text (or decoded pixels) -> struct of Petastorm-encoded feature columns.
+
+    Scalar, not mapInPandas: Spark knows a scalar UDF keeps row order, so the write needs no
+    second sort after it.
     """
-    from pyspark.sql import functions as F
+    from pyspark.sql.functions import pandas_udf
+    from pyspark.sql.types import StructField, StructType
 
-    rows = (
-        spark.range(0, 64 * n)
-        .select("id", F.pmod(F.hash("id"), F.lit(n)).alias("g"))
-        .groupBy("g")
-        .agg(F.min("id").alias("id"))
-        .collect()
-    )
-    keys = {r["g"]: r["id"] for r in rows}
-    if len(keys) != n:  # pragma: no cover - probability ~ n * exp(-64)
-        raise PipelineError("could not find partition keys")
-    return [keys[g] for g in range(n)]
+    # Arrow returns nullable columns; Parquet files written by Spark are nullable anyway.
+    fields = [StructField(f.name, f.dataType, True) for f in spark_schema.fields if f.name not in ("row_id", "label")]
+    names = [f.name for f in fields]
+
+    @pandas_udf(StructType(fields))
+    def featurize(values: pd.Series) -> pd.DataFrame:
+        out: dict[str, Any] = {}
+        if spec["kind"] == "text":
+            feats = features.featurize_texts(values.tolist(), spec)
+            for name in ("chars", "tokens"):
+                if name in feats:
+                    out[name] = features.ndarray_codec_bytes(feats[name])
+            if "length" in feats:
+                out["length"] = feats["length"]
+        else:
+            im = spec["image"]
+            shape = (im["height"], im["width"], im["channels"])
+            pixels = np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in values]) if len(values) else np.zeros((0, *shape), np.uint8)
+            out["image"] = features.ndarray_codec_bytes(pixels)
+        return pd.DataFrame(out, columns=names)
+
+    return featurize, names
 
 
-def _featurize_fn(spec: dict[str, Any], field_names: list[str]):
-    """mapInPandas body: (row_id, label, text|content) -> Petastorm-encoded columns."""
-
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for pdf in batches:
-            out = {"row_id": pdf["row_id"], "label": pdf["label"].astype(np.int32)}
-            if spec["kind"] == "text":
-                feats = features.featurize_texts(pdf["text"].tolist(), spec)
-                for name in ("chars", "tokens"):
-                    if name in feats:
-                        out[name] = features.ndarray_codec_bytes(feats[name])
-                if "length" in feats:
-                    out["length"] = feats["length"]
-            else:
-                im = spec["image"]
-                shape = (im["height"], im["width"], im["channels"])
-                pixels = np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in pdf["content"]]) if len(pdf) else np.zeros((0, *shape), np.uint8)
-                out["image"] = features.ndarray_codec_bytes(pixels)
-            yield pd.DataFrame(out)[field_names]
-
-    return run
+def _hadoop_path(spark, url: str):
+    """(Hadoop FileSystem, Path) for a URL: the same filesystems and credentials Spark writes with."""
+    path = spark._jvm.org.apache.hadoop.fs.Path(url)
+    return path.getFileSystem(spark._jsc.hadoopConfiguration()), path
 
 
 def _rename_parts(spark, url: str) -> list[str]:
     """part-00003-<uuid>-c000.snappy.parquet -> part-00003.parquet (stable names across runs)."""
-    jvm = spark._jvm
-    path = jvm.org.apache.hadoop.fs.Path(url)
-    fs = path.getFileSystem(spark._jsc.hadoopConfiguration())
+    fs, path = _hadoop_path(spark, url)
     names = []
     for st in fs.listStatus(path):
         name = st.getPath().getName()
         if name.startswith("part-") and name.endswith(".parquet"):
             new = f"part-{int(name[5:10]):05d}.parquet"
-            fs.rename(st.getPath(), jvm.org.apache.hadoop.fs.Path(path, new))
+            fs.rename(st.getPath(), spark._jvm.org.apache.hadoop.fs.Path(path, new))
             names.append(new)
         elif name == "_SUCCESS":
             fs.delete(st.getPath(), False)
     return sorted(names)
 
 
-def write_split(spark, df, url: str, n_rows: int, spec: dict[str, Any], shard: ShardConfig, salt: int) -> dict[str, Any]:
-    """Write one split as a Petastorm dataset with ``G`` near-equal row groups, one per file.
+def _delete(spark, url: str) -> None:
+    fs, path = _hadoop_path(spark, url)
+    fs.delete(path, True)
 
-    Rows get a seeded pseudo-random order key; a global index over that order (bucketed so no
-    single task sorts everything) is dealt round-robin to G groups, so group sizes differ by at
-    most one row and every group mixes classes. Re-running gives byte-identical files.
+
+def _collect_groups(spark, src: str, dst: str) -> None:
+    """<src>/_group=G/part-*.parquet -> <dst>/part-G.parquet (stable names, one file per group)."""
+    fs, path = _hadoop_path(spark, src)
+    _delete(spark, dst)
+    dst_fs, dst_path = _hadoop_path(spark, dst)
+    dst_fs.mkdirs(dst_path)
+    Path = spark._jvm.org.apache.hadoop.fs.Path
+    for st in fs.listStatus(path):
+        name = st.getPath().getName()
+        if not name.startswith("_group="):
+            continue
+        parts = [f for f in fs.listStatus(st.getPath()) if f.getPath().getName().endswith(".parquet")]
+        if len(parts) != 1:  # would mean a group was split across tasks: never silently
+            raise PipelineError(f"{src}/{name}: expected one file per row group, found {len(parts)}")
+        fs.rename(parts[0].getPath(), Path(dst_path, f"part-{int(name[len('_group='):]):05d}.parquet"))
+
+
+def write_splits(spark, resolved, out: str, spec: dict[str, Any], row_group_mb: int) -> dict[str, dict[str, Any]]:
+    """Write the clean rows of every split as Petastorm datasets ``<out>/{train,val,test}``.
+
+    One Spark job for all splits. ``resolved`` is hash-partitioned so that partition == row
+    group (``_group``, see resolve_duplicates); partitions are coalesced into one Python task
+    per core, since each Python task costs ~0.1 s of fixed overhead, and ``partitionBy(split,
+    _group)`` writes exactly one file = one row group per (split, group). Rows inside a group
+    are ordered by content hash: seeded-random, reproducible, so re-runs give byte-identical
+    files.
     """
-    from petastorm.etl.dataset_metadata import materialize_dataset
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     schema = dataset.make_schema(spec)
-    g = choose_row_groups(n_rows, spec, shard)
-    if g == 0:
-        return {"rows": 0, "row_groups": 0, "rows_per_row_group": [], "files": []}
-    k = F.xxhash64(F.col("h"), F.lit(shard.seed + salt))
-    keyed = df.withColumn("_k", k).withColumn("_b", F.pmod(F.col("_k"), F.lit(g)))
-    bucket_sizes = {r["_b"]: r["count"] for r in keyed.groupBy("_b").count().collect()}
-    offsets, acc = [], 0
-    for b in range(g):
-        offsets.append(acc)
-        acc += bucket_sizes.get(b, 0)
-    if acc != n_rows:
-        raise PipelineError(f"{url}: expected {n_rows} rows, found {acc}")
-    pkeys = _partition_keys(spark, g)
-    rn = F.row_number().over(Window.partitionBy("_b").orderBy("_k", "h"))
-    gi = F.element_at(F.array(*[F.lit(o) for o in offsets]), F.col("_b").cast("int") + 1) + rn - 1
-    rg = F.pmod(gi, F.lit(g))
-    laid_out = (
-        keyed.withColumn("_rg", rg)
-        .withColumn("_pk", F.element_at(F.array(*[F.lit(p).cast("long") for p in pkeys]), F.col("_rg").cast("int") + 1))
-        .repartition(g, "_pk")
-        .sortWithinPartitions("_k", "h")
-        .select(F.lower(F.hex("h")).alias("row_id"), "label", "text", "content")
+    featurize, feature_names = _featurize_udf(spec, schema.as_spark_schema())
+    tasks = max(1, min(spark.sparkContext.defaultParallelism, resolved.rdd.getNumPartitions()))
+    ok = (
+        resolved.filter(F.col("status") == "ok")
+        .coalesce(tasks)
+        .sortWithinPartitions("split", "_group", "h")
+        .withColumn("_f", featurize(F.col("text") if spec["kind"] == "text" else F.col("content")))
+        .select("split", "_group", F.lower(F.hex("h")).alias("row_id"), "label", *[F.col(f"_f.{n}").alias(n) for n in feature_names])
     )
-    names = [f.name for f in schema.fields.values()]
-    encoded = laid_out.mapInPandas(_featurize_fn(spec, names), schema.as_spark_schema())
-    rg_bytes = math.ceil(n_rows / g) * dataset.bytes_per_row(spec)
-    # One row group per file: the Parquet block size is set well above a group's size.
-    block_mb = max(8, 4 * math.ceil(rg_bytes / (1 << 20)))
-    with materialize_dataset(spark, url, schema, row_group_size_mb=block_mb):
-        encoded.write.mode("overwrite").parquet(url)
-        files = _rename_parts(spark, url)
-    base, extra = divmod(n_rows, g)
-    return {
-        "rows": n_rows,
-        "row_groups": g,
-        "rows_per_row_group": [base + (1 if i < extra else 0) for i in range(g)],
-        "files": files,
-    }
+    staging = fsutil.join(out, "_staging")
+    with dataset.parquet_write_settings(spark, row_group_mb):
+        ok.write.mode("overwrite").partitionBy("split", "_group").parquet(staging)
+    result = {}
+    for split in dataset.SPLITS:
+        url = fsutil.join(out, split)
+        src = fsutil.join(staging, f"split={split}")
+        if not fsutil.exists(src):  # no rows: no dataset (and the manifest says so)
+            _delete(spark, url)
+            result[split] = {"rows": 0, "row_groups": 0, "rows_per_row_group": [], "files": []}
+            continue
+        _collect_groups(spark, src, url)
+        files = dataset.finalize_petastorm(url, schema)
+        result[split] = {
+            "rows": sum(f["rows"] for f in files),
+            "row_groups": sum(f["row_groups"] for f in files),
+            "rows_per_row_group": [f["rows"] for f in files],
+            "files": [f["file"] for f in files],
+        }
+    _delete(spark, staging)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,10 +395,15 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
     t = time.time()
     raw = read_raw(spark, data)
     label_index, label_names, k = _label_map(spark, raw, data)
+    # Row groups are fixed before the data is read (they are the partitions of the one shuffle),
+    # from an estimate of the input rows that leans high.
+    n_est = estimate_rows(data)
+    groups, partitions = choose_layout(n_est, spec, cfg.shard, int(spark.conf.get("spark.sql.shuffle.partitions")))
+    group_mb = max(8, 4 * math.ceil(n_est / groups * dataset.bytes_per_row(spec) / (1 << 20)))
     resolved = (
         raw.transform(parse_labels(label_index, data.label_base, k))
         .transform(clean_content(data))
-        .transform(resolve_duplicates)
+        .transform(resolve_duplicates(groups, partitions, cfg.shard.seed))
         .transform(assign_splits(cfg.shard, bool(data.test_path)))
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
@@ -370,7 +412,7 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
         summary = summarize([r.asDict() for r in rows], k)
         check_accounting(summary["counts"])
         timings["read_clean_count_s"] = round(time.time() - t, 3)
-        log.info("prepare counts: %s", json.dumps(summary["counts"]))
+        log.info("prepare counts: %s (%d row groups, estimated %d input rows)", json.dumps(summary["counts"]), groups, n_est)
         if summary["counts"]["splits"]["train"] == 0:
             raise UserError(f"{data.train_path}: no usable training rows ({json.dumps(summary['rejects_by_reason'])}); see {out}/rejects")
 
@@ -383,17 +425,18 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
             "reason",
         )
         rejects_url = fsutil.join(out, "rejects")
-        rejects.orderBy("source_file", "row_number", "raw").coalesce(1).write.mode("overwrite").parquet(rejects_url)
+        # coalesce then a local sort: one ordered file without a sampling job and a shuffle.
+        rejects.coalesce(1).sortWithinPartitions("source_file", "row_number", "raw").write.mode("overwrite").parquet(rejects_url)
         _rename_parts(spark, rejects_url)
         timings["write_rejects_s"] = round(time.time() - t, 3)
 
-        splits = {}
-        for salt, split in enumerate(dataset.SPLITS, start=1):
-            t = time.time()
-            part = resolved.filter((F.col("status") == "ok") & (F.col("split") == split)).select("h", "label", "text", "content")
-            splits[split] = write_split(spark, part, fsutil.join(out, split), summary["counts"]["splits"][split], spec, cfg.shard, salt)
+        t = time.time()
+        splits = write_splits(spark, resolved, out, spec, group_mb)
+        for split in dataset.SPLITS:
+            if splits[split]["rows"] != summary["counts"]["splits"][split]:
+                raise PipelineError(f"{out}/{split}: wrote {splits[split]['rows']} rows, counted {summary['counts']['splits'][split]}")
             splits[split]["per_class"] = summary["per_class"][split]
-            timings[f"write_{split}_s"] = round(time.time() - t, 3)
+        timings["write_splits_s"] = round(time.time() - t, 3)
     finally:
         resolved.unpersist()
 

@@ -71,7 +71,7 @@ def _predict(bundle, feats: dict[str, np.ndarray], batch_size: int, top_k: int) 
 
 
 def _read_input(spark, cfg: Config, path: str):
-    """-> DataFrame(ids..., parts array<string>, raw string, reason string)."""
+    """-> DataFrame(ids..., parts array<string>, raw string, reason string[, text string])."""
     from pyspark.sql import functions as F
 
     from dl_pipeline.sources import read_text
@@ -86,7 +86,7 @@ def _read_input(spark, cfg: Config, path: str):
         unknown = [c for c in ids if c not in ("source_file", "row_number", "label_raw")]
         if unknown:
             raise UserError(f"score.id_columns {unknown}: a Zhang CSV has only source_file, row_number, label_raw")
-        return df.select(*ids, "parts", "raw", "reason"), ids
+        return df.select(*ids, "parts", "raw", "reason", "text"), ids
     data = cfg.data
     reader = spark.read
     if s.input_format == "csv":
@@ -123,6 +123,8 @@ def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_
             if inject_failure and n_batch == 1:  # test hook: die mid-task, after output began
                 raise RuntimeError("injected scoring failure")
             reasons = list(pdf["reason"])
+            # Line-mode CSV arrives cleaned by the parsing pass (sources.parse_and_clean_lines).
+            cleaned = list(pdf["text"]) if "text" in pdf else None
             texts = []
             for i, parts in enumerate(pdf["parts"]):
                 text = ""
@@ -132,7 +134,7 @@ def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_
                     elif sum(len(p) for p in parts if p) > max_chars:
                         reasons[i] = "text_too_long"
                     else:
-                        text = features.clean_record(list(parts), separator)
+                        text = cleaned[i] if cleaned is not None else features.clean_record(list(parts), separator)
                         if not text:
                             reasons[i] = "empty_text"
                 texts.append(text)
