@@ -174,30 +174,57 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
+# For ASCII text the bytes pattern splits exactly like _TOKEN (checked for all 128 characters in
+# the tests: Unicode \s also counts \x1c-\x1f as space) and runs ~2x faster, and its tokens
+# are already the UTF-8 that crc32 hashes.
+_ASCII_TOKEN = re.compile(rb"\w+|[^\w\s\x1c-\x1f]")
+
+
+def _words(texts: list[str], limit: int) -> tuple[list[bytes], np.ndarray]:
+    """All rows' lower-cased tokens as UTF-8, flattened, and the token count of each row."""
+    words: list[bytes] = []
+    counts = np.zeros(len(texts), dtype=np.int64)
+    ascii_findall, findall = _ASCII_TOKEN.findall, _TOKEN.findall
+    for i, text in enumerate(texts):
+        if not text:
+            continue
+        t = text[:limit]
+        if t.isascii():
+            w = ascii_findall(t.lower().encode("ascii"))
+        else:
+            w = [x.encode("utf-8") for x in findall(t.lower())]
+        words.extend(w)
+        counts[i] = len(w)
+    return words, counts
+
+
 def hash_tokens(texts: Iterable[str], spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> (ids int32 [n, max_tokens], lengths int32 [n]).
 
-    ids are unigram hashes then bigram hashes, each ``1 + h mod buckets``; 0 pads. crc32 is a
+    Per row: unigram hashes then bigram hashes, each ``1 + h mod buckets``; 0 pads. crc32 is a
     stable hash (Python's ``hash`` is salted per process, which would break scoring).
+    Vectorised over the batch: one crc32 pass over all tokens, then numpy scatters unigrams to
+    columns 0..n-1 of their row and bigrams to columns n.. (per-row numpy calls cost ~2x more).
     """
     ts = spec["tokens"]
     buckets, max_tokens, ngrams = np.uint64(ts["buckets"]), int(ts["max_tokens"]), int(ts["ngrams"])
     texts = list(texts)
     ids = np.zeros((len(texts), max_tokens), dtype=np.int32)
-    lengths = np.zeros(len(texts), dtype=np.int32)
-    crc32 = zlib.crc32
-    for i, text in enumerate(texts):
-        words = tokenize(text[: max_tokens * 32]) if text else []
-        if not words:
-            continue
-        h = np.fromiter((crc32(w.encode("utf-8")) for w in words), dtype=np.uint64, count=len(words))
-        parts = [h % buckets]
-        if ngrams >= 2 and len(words) > 1:
-            parts.append((h[:-1] * _BIGRAM_MULT + h[1:]) % buckets)
-        row = np.concatenate(parts)[:max_tokens].astype(np.int32) + 1
-        ids[i, : row.shape[0]] = row
-        lengths[i] = row.shape[0]
-    return ids, lengths
+    words, counts = _words(texts, max_tokens * 32)
+    if not words:
+        return ids, np.zeros(len(texts), dtype=np.int32)
+    h = np.fromiter(map(zlib.crc32, words), dtype=np.uint64, count=len(words))
+    row = np.repeat(np.arange(len(texts)), counts)
+    pos = np.arange(len(words)) - np.repeat(np.cumsum(counts) - counts, counts)  # index within row
+    keep = pos < max_tokens
+    ids[row[keep], pos[keep]] = (h[keep] % buckets).astype(np.int32) + 1
+    if ngrams >= 2 and len(words) > 1:
+        bigram = (h[:-1] * _BIGRAM_MULT + h[1:]) % buckets  # pairs word j with word j+1 ...
+        brow, col = row[:-1], counts[row[:-1]] + pos[:-1]
+        keep = (row[1:] == brow) & (col < max_tokens)  # ... of the same row
+        ids[brow[keep], col[keep]] = bigram[keep].astype(np.int32) + 1
+        counts = counts + np.maximum(counts - 1, 0)
+    return ids, np.minimum(counts, max_tokens).astype(np.int32)
 
 
 def featurize_texts(texts: Sequence[str], spec: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -1,3 +1,4 @@
+import re
 import zlib
 
 import numpy as np
@@ -59,6 +60,40 @@ def test_hash_tokens_unigrams_then_bigrams():
     assert ids[0].tolist() == uni + bi + [0]
     assert lengths.tolist() == [5, 0]
     assert ids[1].tolist() == [0] * 6
+
+
+def _reference_hash_tokens(texts, spec):
+    """The definition, one row at a time: unigrams then bigrams, truncated, 0-padded."""
+    ts = spec["tokens"]
+    ids = np.zeros((len(texts), ts["max_tokens"]), np.int32)
+    for i, text in enumerate(texts):
+        words = re.findall(r"\w+|[^\w\s]", text[: ts["max_tokens"] * 32].lower())
+        h = [zlib.crc32(w.encode("utf-8")) for w in words]
+        grams = [x % ts["buckets"] + 1 for x in h]
+        if ts["ngrams"] >= 2:
+            grams += [((a * 116049371) % 2**64 + b) % 2**64 % ts["buckets"] + 1 for a, b in zip(h, h[1:], strict=False)]
+        grams = grams[: ts["max_tokens"]]
+        ids[i, : len(grams)] = grams
+    return ids, (ids > 0).sum(axis=1).astype(np.int32)
+
+
+@pytest.mark.parametrize("ngrams, max_tokens", [(2, 6), (1, 6), (2, 64)])
+def test_hash_tokens_batch_equals_row_by_row_definition(ngrams, max_tokens):
+    spec = text_spec(FeaturesConfig(max_tokens=max_tokens, hash_buckets=1000, ngrams=ngrams), DataConfig())
+    texts = ["Hello, world", "", "one", "a b", "x " * 100, "É école ÜBER 中文？", "ctl\x1csep\x1fmore!",
+             "Straße İstanbul", "tabs\tand\nlines", "mixed ascii, then é"]
+    ids, lengths = hash_tokens(texts, spec)
+    ref_ids, ref_lengths = _reference_hash_tokens(texts, spec)
+    assert ids.tolist() == ref_ids.tolist()
+    assert lengths.tolist() == ref_lengths.tolist()
+
+
+def test_ascii_token_pattern_splits_like_the_unicode_one():
+    from dl_pipeline.features import _ASCII_TOKEN, _TOKEN
+
+    for i in range(128):
+        line = f"ab{chr(i)}cd{chr(i)}"
+        assert [w.decode() for w in _ASCII_TOKEN.findall(line.encode())] == _TOKEN.findall(line), repr(chr(i))
 
 
 def test_ndarray_codec_bytes_decode_with_petastorm():
