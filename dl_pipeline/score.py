@@ -21,6 +21,7 @@ import pandas as pd
 from dl_pipeline import features, fsutil
 from dl_pipeline.config import Config, DataConfig, ScoreConfig
 from dl_pipeline.errors import PipelineError, UserError
+from dl_pipeline.sources import parse_and_clean_lines
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +72,29 @@ def _predict(bundle, feats: dict[str, np.ndarray], batch_size: int, top_k: int) 
 
 
 def _read_input(spark, cfg: Config, path: str):
-    """-> DataFrame(ids..., parts array<string>, raw string, reason string[, text string])."""
+    """-> (DataFrame(ids..., raw string[, parts array<string>, reason string]), ids).
+
+    Without ``parts`` the rows are raw Zhang CSV lines that _score_fn parses itself.
+    """
     from pyspark.sql import functions as F
 
-    from dl_pipeline.sources import read_text
+    from dl_pipeline.sources import is_line_mode, read_lines, read_text
 
     s = cfg.score
     if not fsutil.expand(path):
         raise UserError(f"score.input_path={path}: no such file or directory (for run date {s.run_date or 'today'}); fix the path or --run-date")
     if s.input_format == "zhang_csv":
         data = DataConfig(**{**cfg.data.__dict__, "format": "zhang_csv"})
-        df = read_text(spark, path, "score", data)
         ids = list(s.id_columns) or ["source_file", "row_number"]
         unknown = [c for c in ids if c not in ("source_file", "row_number", "label_raw")]
         if unknown:
             raise UserError(f"score.id_columns {unknown}: a Zhang CSV has only source_file, row_number, label_raw")
-        return df.select(*ids, "parts", "raw", "reason", "text"), ids
+        if is_line_mode(data):
+            # Raw lines go to Python once: parse, clean, featurize and predict in one pass.
+            df = read_lines(spark, fsutil.to_url(path)).withColumn("label_raw", F.lit(None).cast("string"))
+            return df.select(*ids, "raw"), ids
+        df = read_text(spark, path, "score", data)
+        return df.select(*ids, "parts", "raw", "reason"), ids
     data = cfg.data
     reader = spark.read
     if s.input_format == "csv":
@@ -113,7 +121,7 @@ INJECT_FAILURE_CONF = "spark.dl_pipeline.test.inject_score_failure"
 
 
 def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_chars: int, separator: str,
-              inject_failure: bool = False):
+              num_fields: int, inject_failure: bool = False):
     """mapInPandas body: raw rows -> scored rows, bad rows flagged with a reason (never raised)."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -122,11 +130,14 @@ def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_
         for n_batch, pdf in enumerate(batches):
             if inject_failure and n_batch == 1:  # test hook: die mid-task, after output began
                 raise RuntimeError("injected scoring failure")
-            reasons = list(pdf["reason"])
-            # Line-mode CSV arrives cleaned by the parsing pass (sources.parse_and_clean_lines).
-            cleaned = list(pdf["text"]) if "text" in pdf else None
+            if "parts" in pdf:  # fields split by Spark (named columns, multi-line CSV)
+                all_parts, reasons, cleaned = pdf["parts"], list(pdf["reason"]), None
+            else:  # raw CSV lines
+                parsed = parse_and_clean_lines(pdf["raw"], num_fields, separator, max_chars)
+                all_parts, reasons, cleaned = [p[1] for p in parsed], [p[2] for p in parsed], [p[3] for p in parsed]
+                pdf = pdf.assign(label_raw=[p[0] for p in parsed])
             texts = []
-            for i, parts in enumerate(pdf["parts"]):
+            for i, parts in enumerate(all_parts):
                 text = ""
                 if reasons[i] is None:
                     if parts is None or all(p is None for p in parts):
@@ -195,7 +206,7 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     model_url = fsutil.to_url(s.model_path)
     scored = raw.mapInPandas(
         _score_fn(model_url, ids, s.batch_size, s.top_k, cfg.data.max_text_chars, bundle.featurizer["cleaning"]["title_separator"],
-                  spark.conf.get(INJECT_FAILURE_CONF, "false") == "true"),
+                  cfg.data.num_fields, spark.conf.get(INJECT_FAILURE_CONF, "false") == "true"),
         ddl,
     ).withColumn("scored_at", F.current_timestamp()).withColumn("dt", F.lit(date))
     scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
@@ -213,8 +224,8 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
          .partitionBy("dt").save(out))
         (bad.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic")
          .partitionBy("dt").save(fsutil.join(out, REJECTS_DIR)))
-        counts = {r["ok"]: r["n"] for r in scored.groupBy(F.col("reason").isNull().alias("ok")).agg(F.count(F.lit(1)).alias("n")).collect()}
-        by_reason = {r["reason"]: r["n"] for r in scored.filter(F.col("reason").isNotNull()).groupBy("reason").count().withColumnRenamed("count", "n").collect()}
+        by_reason = {r["reason"]: r["n"] for r in scored.groupBy("reason").agg(F.count(F.lit(1)).alias("n")).collect()}
+        counts = {True: by_reason.pop(None, 0), False: sum(by_reason.values())}
     finally:
         scored.unpersist()
     rows_in = sum(counts.values())

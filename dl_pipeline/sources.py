@@ -107,12 +107,7 @@ def _read_zhang_lines(spark, url: str, origin: str, data: DataConfig):
         out = parse_and_clean_lines(lines, num_fields, separator, max_chars)
         return pd.DataFrame(out, columns=["label", "parts", "reason", "text"])
 
-    lines = _with_row_numbers(spark, spark.read.text(url))
-    # The text source passes invalid UTF-8 through as-is (Arrow then refuses it); decoding in the
-    # JVM turns bad bytes into U+FFFD, which clean_content rejects or keeps per data.invalid_utf8.
-    lines = lines.withColumn("value", F.decode(F.col("value").cast("binary"), "UTF-8"))
-    # Blank lines are not records (Spark's CSV reader skips them too); numbers stay physical lines.
-    parsed = lines.filter(F.length(F.trim("value")) > 0).withColumn("p", parse("value"))
+    parsed = read_lines(spark, url).withColumn("p", parse("raw"))
     return parsed.select(
         F.lit(origin).alias("origin"),
         "source_file",
@@ -120,10 +115,27 @@ def _read_zhang_lines(spark, url: str, origin: str, data: DataConfig):
         F.col("p.label").alias("label_raw"),
         F.col("p.parts").alias("parts"),
         F.lit(None).cast("binary").alias("content"),
-        F.col("value").alias("raw"),
+        "raw",
         F.col("p.reason").alias("reason"),
         F.col("p.text").alias("text"),
     )
+
+
+def is_line_mode(data: DataConfig) -> bool:
+    """Zhang CSV with one record per line, UTF-8: read as text lines and parsed in Python."""
+    return data.format == "zhang_csv" and not data.multiline and data.encoding.upper().replace("-", "") == "UTF8"
+
+
+def read_lines(spark, url: str):
+    """Text files -> DataFrame(source_file, row_number, raw): non-blank lines, exact numbers."""
+    from pyspark.sql import functions as F
+
+    lines = _with_row_numbers(spark, spark.read.text(url))
+    # The text source passes invalid UTF-8 through as-is (Arrow then refuses it); decoding in the
+    # JVM turns bad bytes into U+FFFD, which clean_content rejects or keeps per data.invalid_utf8.
+    lines = lines.withColumn("value", F.decode(F.col("value").cast("binary"), "UTF-8"))
+    # Blank lines are not records (Spark's CSV reader skips them too); numbers stay physical lines.
+    return lines.filter(F.length(F.trim("value")) > 0).select("source_file", "row_number", F.col("value").alias("raw"))
 
 
 def read_text(spark, path: str, origin: str, data: DataConfig):
@@ -133,7 +145,7 @@ def read_text(spark, path: str, origin: str, data: DataConfig):
 
     _check_inputs(path, f"data.{origin}_path")
     url = fsutil.to_url(path)
-    if data.format == "zhang_csv" and not data.multiline and data.encoding.upper().replace("-", "") == "UTF8":
+    if is_line_mode(data):
         return _read_zhang_lines(spark, url, origin, data)
     if data.format == "zhang_csv":
         # Records may span lines (multiline): Spark's CSV reader, which is lenient about quotes.
