@@ -178,6 +178,11 @@ def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_
     return run
 
 
+def _delete_partition(spark, url: str) -> None:
+    path = spark._jvm.org.apache.hadoop.fs.Path(url)
+    path.getFileSystem(spark._jsc.hadoopConfiguration()).delete(path, True)
+
+
 def score_batch(spark, cfg: Config) -> dict[str, Any]:
     """Score one run date; returns {"summary": {...}} and writes it under ``_runs/``."""
     from pyspark import StorageLevel
@@ -211,21 +216,28 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     ).withColumn("scored_at", F.current_timestamp()).withColumn("dt", F.lit(date))
     scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
     out = fsutil.to_url(s.output_path)
+    fmt = s.output_format
+    if fmt == "delta":
+        try:
+            import delta  # noqa: F401
+        except ImportError:
+            raise UserError("score.output_format=delta needs delta-spark on the cluster (Databricks has it); use parquet") from None
     try:
-        good = scored.filter(F.col("reason").isNull()).drop("raw", "reason")
-        bad = scored.filter(F.col("reason").isNotNull()).select(*ids, "raw", "reason", "model_version", "scored_at", "dt")
-        fmt = s.output_format
-        if fmt == "delta":
-            try:
-                import delta  # noqa: F401
-            except ImportError:
-                raise UserError("score.output_format=delta needs delta-spark on the cluster (Databricks has it); use parquet") from None
-        (good.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic")
-         .partitionBy("dt").save(out))
-        (bad.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic")
-         .partitionBy("dt").save(fsutil.join(out, REJECTS_DIR)))
+        # The count runs the model once and fills the cache; both writes then read the cache.
         by_reason = {r["reason"]: r["n"] for r in scored.groupBy("reason").agg(F.count(F.lit(1)).alias("n")).collect()}
         counts = {True: by_reason.pop(None, 0), False: sum(by_reason.values())}
+        good = scored.filter(F.col("reason").isNull()).drop("raw", "reason")
+        (good.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic")
+         .partitionBy("dt").save(out))
+        rejects_url = fsutil.join(out, REJECTS_DIR)
+        if counts[False] or fmt == "delta":
+            bad = scored.filter(F.col("reason").isNotNull()).select(*ids, "raw", "reason", "model_version", "scored_at", "dt")
+            writer = bad.write.format(fmt).mode("overwrite").partitionBy("dt")
+            # Delta replaces the date's partition even when this run has no rejects.
+            writer = writer.option("replaceWhere", f"dt = '{date}'") if fmt == "delta" else writer.option("partitionOverwriteMode", "dynamic")
+            writer.save(rejects_url)
+        else:  # no rejects this run: a re-run must not leave an earlier run's rejects behind
+            _delete_partition(spark, fsutil.join(rejects_url, f"dt={date}"))
     finally:
         scored.unpersist()
     rows_in = sum(counts.values())

@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -126,6 +127,15 @@ def test_bad_rows_go_to_rejects_with_reasons(spark, ag_model, tmp_path):
     assert dict(zip(bad["reason"], bad["id"].fillna(-1).astype(int), strict=False)) == {
         "null_text": 2, "empty_text": 3, "text_too_long": 4, "malformed_record": -1}
     assert all(len(r) <= 4096 for r in bad["raw"])
+
+    # The input is fixed and the date re-run: its stale rejects go, other dates' stay.
+    os.rename(tmp_path / "out" / "_rejects" / "dt=2026-11-22", tmp_path / "out" / "_rejects" / "dt=2026-11-21")
+    shutil.copytree(tmp_path / "out" / "_rejects" / "dt=2026-11-21", tmp_path / "out" / "_rejects" / "dt=2026-11-22")
+    (tmp_path / "in" / "2026-11-22.json").write_text(lines[0] + "\n")
+    summary = score_batch(spark, cfg)["summary"]
+    assert summary["rows_in"] == 1 and summary["rejected"] == 0
+    assert sorted(os.listdir(tmp_path / "out" / "_rejects")) == ["dt=2026-11-21"]
+    assert _partition(tmp_path / "out", "2026-11-22")["id"].tolist() == [1]
 
 
 def test_missing_model_is_a_user_error(spark, scored, tmp_path):
