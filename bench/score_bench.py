@@ -1,6 +1,7 @@
 """Benchmark score: rows/s of the Spark job (local[2]) vs the same model predicting the same
 pre-featurized rows in one plain Python process (the ceiling), and vs a row-at-a-time Python
 UDF doing the whole per-row work. Rows: AG News train rows resampled with a fixed seed.
+Each figure is the median of --repeats runs, after a warm-up run.
 
     .venv/bin/python bench/score_bench.py [--rows 100000] [--udf-rows 10000] [--model runs/demo/train/model]
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -42,11 +44,18 @@ def _model(spark, workdir: str, model: str | None) -> str:
     return path
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--udf-rows", type=int, default=10_000)
     ap.add_argument("--model")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dlp-score-bench"))
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
@@ -58,9 +67,13 @@ def main() -> None:
     cfg = load_config(None, [f"score.model_path={model_path}", f"score.input_path={data}", f"score.output_path={out}",
                              "score.run_date=2026-11-22", "data.num_classes=4"])
     score_batch(spark, replace(cfg, score={"run_date": "2026-11-21"}))  # warm-up: JVM, Python workers
-    t0 = time.perf_counter()
-    summary = score_batch(spark, cfg)["summary"]
-    spark_s = time.perf_counter() - t0
+    # Every figure is the median of --repeats runs: single runs on this machine vary by ~25%.
+    spark_runs = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        summary = score_batch(spark, cfg)["summary"]  # the same date: each run replaces the last
+        spark_runs.append(time.perf_counter() - t0)
+    spark_s = statistics.median(spark_runs)
 
     # Ceiling: one process, 2 threads, same model, rows featurized beforehand (not timed).
     torch.set_num_threads(2)
@@ -69,13 +82,9 @@ def main() -> None:
         texts = [clean_record(parse_zhang_line(line.rstrip("\n"), 3)[1], ". ") for line in fh]
     feats = featurize_texts(texts, bundle.featurizer)
     feats = {k: v for k, v in feats.items() if k == "tokens"} if bundle.model_spec["name"] == "fasttext" else feats
-    t0 = time.perf_counter()
-    _predict(bundle, feats, 1024, 0)
-    ceiling_s = time.perf_counter() - t0
+    ceiling_s = statistics.median(_timed(lambda: _predict(bundle, feats, 1024, 0)) for _ in range(args.repeats))
     # The same per-row work (clean + featurize + predict) done in one process, for reference.
-    t0 = time.perf_counter()
-    predict_texts(bundle, texts, 1024)
-    one_process_full_s = time.perf_counter() - t0
+    one_process_full_s = statistics.median(_timed(lambda: predict_texts(bundle, texts, 1024)) for _ in range(args.repeats))
 
     # Row-at-a-time Python UDF: the naive way (a plain udf, model cached per worker).
     from pyspark.sql import functions as F
@@ -92,9 +101,10 @@ def main() -> None:
 
     rows = spark.read.csv(data).limit(args.udf_rows).cache()
     rows.count()
-    t0 = time.perf_counter()
-    rows.select(predict_row("_c1", "_c2").alias("p")).write.mode("overwrite").format("noop").save()
-    udf_s = time.perf_counter() - t0
+    udf_s = statistics.median(
+        _timed(lambda: rows.select(predict_row("_c1", "_c2").alias("p")).write.mode("overwrite").format("noop").save())
+        for _ in range(args.repeats)
+    )
 
     spark_rps = args.rows / spark_s
     emit({
@@ -103,8 +113,9 @@ def main() -> None:
         "model": bundle.version,
         "machine": machine(),
         "spark_master": "local[2]",
+        "repeats": args.repeats,
         "spark_job": {"wall_s": round(spark_s, 2), "rows_per_s": round(spark_rps), "rows_in": summary["rows_in"],
-                      "scored": summary["scored"]},
+                      "scored": summary["scored"], "runs_s": [round(x, 2) for x in spark_runs]},
         "ceiling_prefeaturized_one_process": {"wall_s": round(ceiling_s, 3), "rows_per_s": round(args.rows / ceiling_s)},
         "one_process_clean_featurize_predict": {"wall_s": round(one_process_full_s, 2),
                                                 "rows_per_s": round(args.rows / one_process_full_s)},
