@@ -33,8 +33,9 @@ FEATURIZER_VERSION = 1
 # ---------------------------------------------------------------------------------------------
 
 # The Zhang et al. CSVs were scraped with '&' stripped from entities: "#39;" "quot;" "amp;".
-_BARE_NUMERIC_ENTITY = re.compile(r"(?<!&)#(\d{1,6});")
-_BARE_NAMED_ENTITY = re.compile(r"(?<![&\w;])(quot|amp|lt|gt|nbsp|apos);")
+# Zero-width: the fix inserts '&' with a constant replacement (no template expansion per match).
+_BARE_NUMERIC_ENTITY = re.compile(r"(?<!&)(?=#\d{1,6};)")
+_BARE_NAMED_ENTITY = re.compile(r"(?<![&\w;])(?=(?:quot|amp|lt|gt|nbsp|apos);)")
 _TAG = re.compile(r"<[^<>]{0,200}>")
 _ESCAPED_NEWLINE = re.compile(r"\\n|\\")
 _HSPACE = re.compile(r"[^\S\n]+")
@@ -52,14 +53,15 @@ def clean_text(text: str) -> str:
         return ""
     t = _ESCAPED_NEWLINE.sub("\n", text) if "\\" in text else text
     if ";" in t:  # both bare-entity patterns end in ';'
-        t = _BARE_NUMERIC_ENTITY.sub(r"&#\1;", t)
-        t = _BARE_NAMED_ENTITY.sub(r"&\1;", t)
+        t = _BARE_NUMERIC_ENTITY.sub("&", t)
+        t = _BARE_NAMED_ENTITY.sub("&", t)
     if "&" in t:
         # Two rounds: the originals hold double-escaped entities such as "&amp;lt;".
         t = html.unescape(html.unescape(t))
     if "<" in t:
         t = _TAG.sub(" ", t)
-    t = _CONTROL.sub(" ", t)
+    if not t.isprintable():  # every _CONTROL character is non-printable
+        t = _CONTROL.sub(" ", t)
     ascii_text = t.isascii()
     if not ascii_text:  # ASCII is already NFKC-normal; normalizing costs ~1/3 of the time
         t = unicodedata.normalize("NFKC", t)

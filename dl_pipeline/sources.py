@@ -89,7 +89,7 @@ def parse_and_clean_lines(lines: Sequence[str], num_fields: int, separator: str,
     for line in lines:
         label, parts, reason = parse_zhang_line(line, num_fields)
         text = None
-        if reason is None and sum(len(p) for p in parts) <= max_chars:
+        if reason is None and sum(map(len, parts)) <= max_chars:
             text = clean_record(parts, separator)
         out.append((label, parts, reason, text))
     return out
