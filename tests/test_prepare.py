@@ -274,3 +274,18 @@ def test_multiline_records_with_real_newlines(spark, tmp_path):
     rejects = pq.read_table(str(tmp_path / "out" / "rejects")).to_pandas()
     assert sorted(zip(rejects["row_number"], rejects["reason"], strict=True)) == [
         (3, "duplicate"), (4, "malformed_record"), (5, "label_not_integer")]
+
+
+@pytest.mark.parametrize("line", [
+    '"1","a","b"', '"1","a"', '"1","a","b","c"', '"1",",","x"', '"1","a""b","c"', '"1",""",""', ' "1","a","b"',
+    '"1","a","b" ', '"1","a",b', '"1","a""","b"', '""","","', '"1","x","y"\r', '"1","","b"', '"1","a","","b"',
+])
+def test_zhang_line_fast_path_agrees_with_the_csv_module(line):
+    from dl_pipeline.sources import parse_zhang_line
+
+    try:
+        rows = list(csv.reader([line], strict=True))
+        expected = (rows[0][0], rows[0][1:], None) if len(rows) == 1 and len(rows[0]) == 3 else (None, None, "wrong_field_count")
+    except csv.Error:
+        expected = (None, None, "malformed_quoting")
+    assert parse_zhang_line(line, 3) == expected
