@@ -84,16 +84,17 @@ def clean_content(data: DataConfig):
                 .withColumn("h", F.when(F.col("content").isNotNull(), F.xxhash64("content")))
                 .drop("parts")
             )
-        total_len = F.aggregate(F.col("parts"), F.lit(0), lambda acc, x: acc + F.coalesce(F.length(x), F.lit(0)))
-        bad_utf8 = F.exists(F.col("parts"), lambda x: F.instr(x, "\ufffd") > 0)
-        reason = F.col("reason")
-        if data.invalid_utf8 == "reject":
-            reason = F.coalesce(reason, F.when(bad_utf8, F.lit("invalid_utf8")))
-        reason = F.coalesce(reason, F.when(total_len > data.max_text_chars, F.lit("text_too_long")))
-        df = df.withColumn("reason", reason)
-        if "text" in df.columns:  # cleaned while parsing (line-mode CSV): no second Python pass
+        if "text_reason" in df.columns:  # checked and cleaned while parsing (line-mode CSV)
+            df = df.withColumn("reason", F.coalesce("reason", "text_reason")).drop("text_reason")
             df = df.withColumn("text", F.when(F.col("reason").isNull(), F.col("text")))
         else:
+            total_len = F.aggregate(F.col("parts"), F.lit(0), lambda acc, x: acc + F.coalesce(F.length(x), F.lit(0)))
+            bad_utf8 = F.exists(F.col("parts"), lambda x: F.instr(x, "\ufffd") > 0)
+            reason = F.col("reason")
+            if data.invalid_utf8 == "reject":
+                reason = F.coalesce(reason, F.when(bad_utf8, F.lit("invalid_utf8")))
+            reason = F.coalesce(reason, F.when(total_len > data.max_text_chars, F.lit("text_too_long")))
+            df = df.withColumn("reason", reason)
             df = df.withColumn("text", clean_udf(F.when(F.col("reason").isNull(), F.col("parts"))))
         df = df.withColumn(
             "reason",

@@ -11,9 +11,10 @@ Raw frame columns (all sources)::
     content     binary   decoded pixels (images); null for text
     raw         string   the record as read, for the rejects table
     reason      string   null, or why the row is already rejected (malformed record, ...)
-    text        string   line-mode Zhang CSV only: the cleaned text (null if not cleanable),
-                         computed in the same Arrow pass as parsing; other sources leave the
-                         cleaning to prepare.clean_content
+    text, text_reason    line-mode Zhang CSV only (its ``parts`` is null): the cleaned text
+                         and the text's reject reason (invalid_utf8, text_too_long), computed
+                         in the same Arrow pass as parsing; other sources leave the checks and
+                         the cleaning to prepare.clean_content
 """
 
 from __future__ import annotations
@@ -85,19 +86,28 @@ def parse_zhang_line(line: str, num_fields: int) -> tuple[str | None, list[str] 
     return rows[0][0], rows[0][1:], None
 
 
-def parse_and_clean_lines(lines: Sequence[str], num_fields: int, separator: str, max_chars: int) -> list[tuple]:
-    """Lines -> [(label, parts, reason, cleaned text)]; text is None for unparsable or over-long rows.
+def parse_and_clean_lines(lines: Sequence[str], num_fields: int, separator: str, max_chars: int,
+                          reject_invalid_utf8: bool = True) -> list[tuple]:
+    """Lines -> [(label, parts, reason, cleaned text, text reason)].
 
-    Parsing and cleaning in one Python pass: a second Arrow UDF would ship every row to Python
-    and back once more (and each Python task costs a fixed ~0.1 s).
+    ``reason`` is the parse failure; ``text reason`` is ``invalid_utf8`` (U+FFFD from decoding,
+    when rejected) or ``text_too_long``, kept apart so a label error still takes precedence.
+    text is None for unparsable, rejected or over-long rows. Parsing, checking and cleaning in
+    one Python pass: another Arrow UDF, or JVM checks on the split-out fields, would move every
+    row between the JVM and Python once more.
     """
     out = []
     for line in lines:
         label, parts, reason = parse_zhang_line(line, num_fields)
-        text = None
-        if reason is None and sum(map(len, parts)) <= max_chars:
-            text = clean_record(parts, separator)
-        out.append((label, parts, reason, text))
+        text = text_reason = None
+        if reason is None:
+            if reject_invalid_utf8 and any("\ufffd" in p for p in parts):
+                text_reason = "invalid_utf8"
+            elif sum(map(len, parts)) > max_chars:
+                text_reason = "text_too_long"
+            else:
+                text = clean_record(parts, separator)
+        out.append((label, parts, reason, text, text_reason))
     return out
 
 
@@ -107,11 +117,12 @@ def _read_zhang_lines(spark, url: str, origin: str, data: DataConfig):
     from pyspark.sql.functions import pandas_udf
 
     num_fields, separator, max_chars = data.num_fields, data.title_separator, data.max_text_chars
+    reject_utf8 = data.invalid_utf8 == "reject"
 
-    @pandas_udf("label string, parts array<string>, reason string, text string")
+    @pandas_udf("label string, reason string, text string, text_reason string")
     def parse(lines: pd.Series) -> pd.DataFrame:
-        out = parse_and_clean_lines(lines, num_fields, separator, max_chars)
-        return pd.DataFrame(out, columns=["label", "parts", "reason", "text"])
+        out = parse_and_clean_lines(lines, num_fields, separator, max_chars, reject_utf8)
+        return pd.DataFrame([(r[0], r[2], r[3], r[4]) for r in out], columns=["label", "reason", "text", "text_reason"])
 
     parsed = read_lines(spark, url).withColumn("p", parse("raw"))
     return parsed.select(
@@ -119,11 +130,12 @@ def _read_zhang_lines(spark, url: str, origin: str, data: DataConfig):
         "source_file",
         "row_number",
         F.col("p.label").alias("label_raw"),
-        F.col("p.parts").alias("parts"),
+        F.lit(None).cast("array<string>").alias("parts"),
         F.lit(None).cast("binary").alias("content"),
         "raw",
         F.col("p.reason").alias("reason"),
         F.col("p.text").alias("text"),
+        F.col("p.text_reason").alias("text_reason"),
     )
 
 
