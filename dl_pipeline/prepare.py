@@ -383,6 +383,12 @@ def _input_files(data: DataConfig) -> list[dict[str, Any]]:
     return out
 
 
+def _shuffle_partitions(spark) -> int:
+    """spark.sql.shuffle.partitions, or the cluster's cores where it is "auto" (Databricks)."""
+    value = spark.conf.get("spark.sql.shuffle.partitions", "200")
+    return int(value) if value.isdigit() else max(1, spark.sparkContext.defaultParallelism)
+
+
 def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
     """Run the prepare stage; returns the manifest (also written to ``prepare.output_path``)."""
     from pyspark import StorageLevel
@@ -403,7 +409,7 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
     # Row groups are fixed before the data is read (they are the partitions of the one shuffle),
     # from an estimate of the input rows that leans high.
     n_est = estimate_rows(data)
-    groups, partitions = choose_layout(n_est, spec, cfg.shard, int(spark.conf.get("spark.sql.shuffle.partitions")))
+    groups, partitions = choose_layout(n_est, spec, cfg.shard, _shuffle_partitions(spark))
     group_mb = max(8, 4 * math.ceil(n_est / groups * dataset.bytes_per_row(spec) / (1 << 20)))
     # The cache holds mostly unique strings, for which Spark's columnar encoders only burn CPU
     # (~2 s of 40 at 1M rows); the session's value is restored after the job.
