@@ -289,3 +289,16 @@ def test_zhang_line_fast_path_agrees_with_the_csv_module(line):
     except csv.Error:
         expected = (None, None, "malformed_quoting")
     assert parse_zhang_line(line, 3) == expected
+
+
+def test_row_group_layout_partitions_divide_groups():
+    from dl_pipeline.config import ShardConfig
+    from dl_pipeline.prepare import choose_layout
+
+    spec = {"kind": "text", "chars": {"enabled": True, "length": 1014}, "tokens": {"enabled": True, "max_tokens": 256}}
+    shard = ShardConfig(max_workers=8, row_groups_per_worker=4, row_group_mb=64)
+    assert choose_layout(100_000, spec, shard, 8) == (32, 8)  # 4 x 8 workers; 8 partitions of 4 groups
+    assert choose_layout(100_000, spec, shard, 200) == (32, 32)  # never more partitions than groups
+    assert choose_layout(5, spec, shard, 8) == (5, 5)  # no empty groups asked for
+    groups, parts = choose_layout(3_600_000, spec, shard, 8)  # size-bound: ~128 groups of <= 64 MB
+    assert groups % parts == 0 and groups >= 3_600_000 * 2328 / (64 << 20) and parts == 8
