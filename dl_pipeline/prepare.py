@@ -306,12 +306,12 @@ def _collect_groups(spark, src: str, dst: str) -> None:
 def write_splits(spark, resolved, out: str, spec: dict[str, Any], row_group_mb: int) -> dict[str, dict[str, Any]]:
     """Write the clean rows of every split as Petastorm datasets ``<out>/{train,val,test}``.
 
-    One Spark job for all splits. ``resolved`` is hash-partitioned so that partition == row
-    group (``_group``, see resolve_duplicates); partitions are coalesced into one Python task
-    per core, since each Python task costs ~0.1 s of fixed overhead, and ``partitionBy(split,
-    _group)`` writes exactly one file = one row group per (split, group). Rows inside a group
-    are ordered by content hash: seeded-random, reproducible, so re-runs give byte-identical
-    files.
+    One Spark job for all splits. ``resolved`` is hash-partitioned so that every row group
+    (``_group``, see resolve_duplicates) lies within one partition; partitions are coalesced
+    into one Python task per core, since each Python task costs ~0.1 s of fixed overhead, and
+    ``partitionBy(split, _group)`` over rows sorted by (split, group) writes exactly one file =
+    one row group per (split, group). Rows inside a group are ordered by content hash:
+    seeded-random, reproducible, so re-runs give byte-identical files.
     """
     from pyspark.sql import functions as F
 
