@@ -1,7 +1,9 @@
 """Benchmark score: rows/s of the Spark job (local[2]) vs the same model predicting the same
 pre-featurized rows in one plain Python process (the ceiling), and vs a row-at-a-time Python
 UDF doing the whole per-row work. Rows: AG News train rows resampled with a fixed seed.
-Each figure is the median of --repeats runs, after a warm-up run.
+Each figure is the median of --repeats runs, after a warm-up run. For fastText the per-row cost
+is featurization, not inference; --char-cnn-rows also times an inference-bound model (char_cnn,
+untrained weights) against its own ceiling.
 
     .venv/bin/python bench/score_bench.py [--rows 100000] [--udf-rows 10000] [--model runs/demo/train/model]
 """
@@ -44,6 +46,40 @@ def _model(spark, workdir: str, model: str | None) -> str:
     return path
 
 
+def _char_cnn_bundle(fasttext_path: str, workdir: str) -> str:
+    """An untrained char_cnn bundle with the same featurizer and labels: inference timing only."""
+    from dl_pipeline.bundle import save_bundle
+    from dl_pipeline.models import build_model, model_spec
+
+    b = load_bundle(fasttext_path)
+    spec = model_spec("char_cnn", b.featurizer, b.model_spec["num_classes"], 0, "small", 0.5)
+    torch.manual_seed(0)
+    return save_bundle(os.path.join(workdir, "char_cnn_model"), build_model(spec).eval(), spec, b.featurizer, b.labels,
+                       {"note": "untrained weights: for timing inference only"})
+
+
+def _inference_bound(spark, args, fasttext_path: str) -> dict:
+    """Spark vs ceiling for a model whose inference, not featurization, dominates (char_cnn)."""
+    path = _char_cnn_bundle(fasttext_path, args.workdir)
+    n = args.char_cnn_rows
+    data = resampled_ag_news(n, os.path.join(args.workdir, f"ag_{n}.csv"))
+    out = os.path.join(args.workdir, "scores_char_cnn")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(None, [f"score.model_path={path}", f"score.input_path={data}", f"score.output_path={out}",
+                             "score.run_date=2026-11-22", "data.num_classes=4", "score.batch_size=256"])
+    score_batch(spark, replace(cfg, score={"run_date": "2026-11-21"}))  # warm-up
+    spark_s = _timed(lambda: score_batch(spark, cfg))
+    bundle = load_bundle(path)
+    with open(data, encoding="utf-8") as fh:
+        texts = [clean_record(parse_zhang_line(line.rstrip("\n"), 3)[1], ". ") for line in fh]
+    feats = {"chars": featurize_texts(texts, bundle.model_featurizer)["chars"]}
+    ceiling_s = _timed(lambda: _predict(bundle, feats, 256, 0))
+    return {"model": "char_cnn small (untrained weights: inference cost only)", "rows": n,
+            "spark_job": {"wall_s": round(spark_s, 2), "rows_per_s": round(n / spark_s, 1)},
+            "ceiling_prefeaturized_one_process": {"wall_s": round(ceiling_s, 2), "rows_per_s": round(n / ceiling_s, 1)},
+            "spark_vs_ceiling": round(ceiling_s / spark_s, 3)}
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -56,6 +92,8 @@ def main() -> None:
     ap.add_argument("--udf-rows", type=int, default=10_000)
     ap.add_argument("--model")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--char-cnn-rows", type=int, default=2000,
+                    help="also time an inference-bound model (untrained char_cnn) on this many rows; 0: skip")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dlp-score-bench"))
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
@@ -107,6 +145,8 @@ def main() -> None:
     )
 
     spark_rps = args.rows / spark_s
+    torch.set_num_threads(2)
+    inference_bound = _inference_bound(spark, args, model_path) if args.char_cnn_rows else None
     emit({
         "benchmark": "score",
         "data": f"{args.rows} AG News rows resampled with a fixed seed (2015): label+body of one real row, title of another",
@@ -123,6 +163,7 @@ def main() -> None:
         "spark_vs_ceiling": round(spark_rps / (args.rows / ceiling_s), 4),
         "spark_vs_one_process_full": round(spark_rps / (args.rows / one_process_full_s), 3),
         "spark_vs_row_udf": round(spark_rps / (args.udf_rows / udf_s), 2),
+        "inference_bound_model": inference_bound,
     })
 
 

@@ -72,9 +72,10 @@ def _predict(bundle, feats: dict[str, np.ndarray], batch_size: int, top_k: int) 
 
 
 def _read_input(spark, cfg: Config, path: str):
-    """-> (DataFrame(ids..., raw string[, parts array<string>, reason string]), ids).
+    """-> (DataFrame(ids..., raw string[, parts array<string>, reason string]), ids, scan).
 
-    Without ``parts`` the rows are raw Zhang CSV lines that _score_fn parses itself.
+    Without ``parts`` the rows are raw Zhang CSV lines that _score_fn parses itself. ``scan``
+    is a plain file scan with the input's partitioning (planning it runs no job), or None.
     """
     from pyspark.sql import functions as F
 
@@ -92,9 +93,9 @@ def _read_input(spark, cfg: Config, path: str):
         if is_line_mode(data):
             # Raw lines go to Python once: parse, clean, featurize and predict in one pass.
             df = read_lines(spark, fsutil.to_url(path)).withColumn("label_raw", F.lit(None).cast("string"))
-            return df.select(*ids, "raw"), ids
+            return df.select(*ids, "raw"), ids, spark.read.text(fsutil.to_url(path))
         df = read_text(spark, path, "score", data)
-        return df.select(*ids, "parts", "raw", "reason"), ids
+        return df.select(*ids, "parts", "raw", "reason"), ids, None
     data = cfg.data
     reader = spark.read
     if s.input_format == "csv":
@@ -111,7 +112,8 @@ def _read_input(spark, cfg: Config, path: str):
     if "_corrupt_record" in df.columns:
         reason = F.coalesce(reason, F.when(F.col("_corrupt_record").isNotNull(), F.lit("malformed_record")))
     raw = F.to_json(F.struct(*[F.col(c) for c in df.columns]))
-    return df.select(*s.id_columns, parts.alias("parts"), raw.alias("raw"), reason.alias("reason")), list(s.id_columns)
+    out = df.select(*s.id_columns, parts.alias("parts"), raw.alias("raw"), reason.alias("reason"))
+    return out, list(s.id_columns), out
 
 
 # Under the output path but '_'-prefixed: Spark's partition discovery skips it, so readers of
@@ -178,6 +180,16 @@ def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_
     return run
 
 
+def _spread_over_cores(spark, df, scan):
+    """A small input is one task (Spark packs files under 4 MB into one split), so a heavy
+    model would run on one core: spread its rows over every core first. Inputs that already
+    span the cores are left alone (the shuffle would cost more than it buys)."""
+    cores = spark.sparkContext.defaultParallelism
+    if scan is None or cores <= 1 or scan.rdd.getNumPartitions() >= cores:
+        return df
+    return df.repartition(cores)
+
+
 def _delete_partition(spark, url: str) -> None:
     path = spark._jvm.org.apache.hadoop.fs.Path(url)
     path.getFileSystem(spark._jsc.hadoopConfiguration()).delete(path, True)
@@ -201,7 +213,8 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
         raise UserError(f"{s.model_path}: an image model; score reads text rows (image scoring is not built yet)")
     in_path = s.input_path.replace("{date}", date)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(s.max_records_per_batch))
-    raw, ids = _read_input(spark, cfg, in_path)
+    raw, ids, scan = _read_input(spark, cfg, in_path)
+    raw = _spread_over_cores(spark, raw, scan)
     out_schema = raw.select(*ids).schema
     ddl = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in out_schema.fields)
     ddl += ", prediction int, label_name string, probability double"

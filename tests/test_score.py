@@ -157,3 +157,16 @@ def test_nested_text_column_is_rejected_not_fatal(spark, ag_model, tmp_path):
     summary = score_batch(spark, cfg)["summary"]
     assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (2, 0, 2)
     assert summary["rejects_by_reason"] == {"text_not_string": 2}
+
+
+def test_small_input_is_spread_over_every_core(spark, tmp_path):
+    from dl_pipeline.score import _spread_over_cores
+
+    path = tmp_path / "small.csv"
+    path.write_text("".join(f'"1","t{i}","b{i}"\n' for i in range(100)))
+    scan = spark.read.text(str(path))
+    assert scan.rdd.getNumPartitions() == 1  # one file under 4 MB: one task
+    spread = _spread_over_cores(spark, scan, scan)
+    assert spread.rdd.getNumPartitions() == spark.sparkContext.defaultParallelism == 2
+    assert sorted(r.value for r in spread.collect()) == sorted(r.value for r in scan.collect())
+    assert _spread_over_cores(spark, spread, spread) is spread  # already spans the cores
