@@ -24,6 +24,7 @@ from dl_pipeline import dataset, features, fsutil
 from dl_pipeline.config import Config, DataConfig, ShardConfig
 from dl_pipeline.errors import PipelineError, UserError
 from dl_pipeline.sources import estimate_rows, read_raw
+from dl_pipeline.spark import hadoop_delete, hadoop_path
 
 log = logging.getLogger(__name__)
 
@@ -260,15 +261,9 @@ def _featurize_udf(spec: dict[str, Any], spark_schema):
     return featurize, names
 
 
-def _hadoop_path(spark, url: str):
-    """(Hadoop FileSystem, Path) for a URL: the same filesystems and credentials Spark writes with."""
-    path = spark._jvm.org.apache.hadoop.fs.Path(url)
-    return path.getFileSystem(spark._jsc.hadoopConfiguration()), path
-
-
 def _rename_parts(spark, url: str) -> list[str]:
     """part-00003-<uuid>-c000.snappy.parquet -> part-00003.parquet (stable names across runs)."""
-    fs, path = _hadoop_path(spark, url)
+    fs, path = hadoop_path(spark, url)
     names = []
     for st in fs.listStatus(path):
         name = st.getPath().getName()
@@ -281,16 +276,11 @@ def _rename_parts(spark, url: str) -> list[str]:
     return sorted(names)
 
 
-def _delete(spark, url: str) -> None:
-    fs, path = _hadoop_path(spark, url)
-    fs.delete(path, True)
-
-
 def _collect_groups(spark, src: str, dst: str) -> None:
     """<src>/_group=G/part-*.parquet -> <dst>/part-G.parquet (stable names, one file per group)."""
-    fs, path = _hadoop_path(spark, src)
-    _delete(spark, dst)
-    dst_fs, dst_path = _hadoop_path(spark, dst)
+    fs, path = hadoop_path(spark, src)
+    hadoop_delete(spark, dst)
+    dst_fs, dst_path = hadoop_path(spark, dst)
     dst_fs.mkdirs(dst_path)
     Path = spark._jvm.org.apache.hadoop.fs.Path
     for st in fs.listStatus(path):
@@ -333,7 +323,7 @@ def write_splits(spark, resolved, out: str, spec: dict[str, Any], row_group_mb: 
         url = fsutil.join(out, split)
         src = fsutil.join(staging, f"split={split}")
         if not fsutil.exists(src):  # no rows: no dataset (and the manifest says so)
-            _delete(spark, url)
+            hadoop_delete(spark, url)
             result[split] = {"rows": 0, "row_groups": 0, "rows_per_row_group": [], "files": []}
             continue
         _collect_groups(spark, src, url)
@@ -344,7 +334,7 @@ def write_splits(spark, resolved, out: str, spec: dict[str, Any], row_group_mb: 
             "rows_per_row_group": [f["rows"] for f in files],
             "files": [f["file"] for f in files],
         }
-    _delete(spark, staging)
+    hadoop_delete(spark, staging)
     return result
 
 

@@ -22,6 +22,7 @@ from dl_pipeline import features, fsutil
 from dl_pipeline.config import Config, DataConfig, ScoreConfig
 from dl_pipeline.errors import PipelineError, UserError
 from dl_pipeline.sources import parse_and_clean_lines
+from dl_pipeline.spark import hadoop_delete
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +191,6 @@ def _spread_over_cores(spark, df, scan):
     return df.repartition(cores)
 
 
-def _delete_partition(spark, url: str) -> None:
-    path = spark._jvm.org.apache.hadoop.fs.Path(url)
-    path.getFileSystem(spark._jsc.hadoopConfiguration()).delete(path, True)
-
-
 def score_batch(spark, cfg: Config) -> dict[str, Any]:
     """Score one run date; returns {"summary": {...}} and writes it under ``_runs/``."""
     from pyspark import StorageLevel
@@ -250,7 +246,7 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
             writer = writer.option("replaceWhere", f"dt = '{date}'") if fmt == "delta" else writer.option("partitionOverwriteMode", "dynamic")
             writer.save(rejects_url)
         else:  # no rejects this run: a re-run must not leave an earlier run's rejects behind
-            _delete_partition(spark, fsutil.join(rejects_url, f"dt={date}"))
+            hadoop_delete(spark, fsutil.join(rejects_url, f"dt={date}"))
     finally:
         scored.unpersist()
     rows_in = sum(counts.values())

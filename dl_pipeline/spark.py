@@ -64,3 +64,15 @@ def get_spark(cfg: SparkConfig | None = None):
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def hadoop_path(spark, url: str):
+    """(Hadoop FileSystem, Path) for a URL: the filesystems and credentials Spark writes with."""
+    path = spark._jvm.org.apache.hadoop.fs.Path(url)
+    return path.getFileSystem(spark._jsc.hadoopConfiguration()), path
+
+
+def hadoop_delete(spark, url: str) -> None:
+    """Delete a file or directory tree; a missing path is fine."""
+    fs, path = hadoop_path(spark, url)
+    fs.delete(path, True)
