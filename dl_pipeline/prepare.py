@@ -293,7 +293,7 @@ def _collect_groups(spark, src: str, dst: str) -> None:
         fs.rename(parts[0].getPath(), Path(dst_path, f"part-{int(name[len('_group='):]):05d}.parquet"))
 
 
-def write_splits(spark, resolved, out: str, spec: dict[str, Any], row_group_mb: int) -> dict[str, dict[str, Any]]:
+def write_splits(spark, resolved, out: str, spec: dict[str, Any], row_group_mb: int, num_partitions: int) -> dict[str, dict[str, Any]]:
     """Write the clean rows of every split as Petastorm datasets ``<out>/{train,val,test}``.
 
     One Spark job for all splits. ``resolved`` is hash-partitioned so that every row group
@@ -307,7 +307,7 @@ def write_splits(spark, resolved, out: str, spec: dict[str, Any], row_group_mb: 
 
     schema = dataset.make_schema(spec)
     featurize, feature_names = _featurize_udf(spec, schema.as_spark_schema())
-    tasks = max(1, min(spark.sparkContext.defaultParallelism, resolved.rdd.getNumPartitions()))
+    tasks = max(1, min(spark.sparkContext.defaultParallelism, num_partitions))
     ok = (
         resolved.filter(F.col("status") == "ok")
         .coalesce(tasks)
@@ -396,8 +396,8 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
     t = time.time()
     raw = read_raw(spark, data)
     label_index, label_names, k = _label_map(spark, raw, data)
-    # Row groups are fixed before the data is read (they are the partitions of the one shuffle),
-    # from an estimate of the input rows that leans high.
+    # Row groups are fixed before the data is read (each lies within one partition of the one
+    # shuffle), from an estimate of the input rows that leans high.
     n_est = estimate_rows(data)
     groups, partitions = choose_layout(n_est, spec, cfg.shard, _shuffle_partitions(spark))
     group_mb = max(8, 4 * math.ceil(n_est / groups * dataset.bytes_per_row(spec) / (1 << 20)))
@@ -437,7 +437,7 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
         timings["write_rejects_s"] = round(time.time() - t, 3)
 
         t = time.time()
-        splits = write_splits(spark, resolved, out, spec, group_mb)
+        splits = write_splits(spark, resolved, out, spec, group_mb, partitions)
         for split in dataset.SPLITS:
             if splits[split]["rows"] != summary["counts"]["splits"][split]:
                 raise PipelineError(f"{out}/{split}: wrote {splits[split]['rows']} rows, counted {summary['counts']['splits'][split]}")

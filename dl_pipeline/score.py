@@ -136,7 +136,8 @@ def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_
             if "parts" in pdf:  # fields split by Spark (named columns, multi-line CSV)
                 all_parts, reasons, cleaned = pdf["parts"], list(pdf["reason"]), None
             else:  # raw CSV lines
-                parsed = parse_and_clean_lines(pdf["raw"], num_fields, separator, max_chars)
+                # Scoring keeps rows with undecodable bytes (as U+FFFD), as the Spark CSV path does.
+                parsed = parse_and_clean_lines(pdf["raw"], num_fields, separator, max_chars, reject_invalid_utf8=False)
                 all_parts, reasons, cleaned = [p[1] for p in parsed], [p[2] for p in parsed], [p[3] for p in parsed]
                 pdf = pdf.assign(label_raw=[p[0] for p in parsed])
             texts = []

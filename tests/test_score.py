@@ -170,3 +170,25 @@ def test_small_input_is_spread_over_every_core(spark, tmp_path):
     assert spread.rdd.getNumPartitions() == spark.sparkContext.defaultParallelism == 2
     assert sorted(r.value for r in spread.collect()) == sorted(r.value for r in scan.collect())
     assert _spread_over_cores(spark, spread, spread) is spread  # already spans the cores
+
+
+def test_raw_csv_lines_are_parsed_checked_and_scored_in_one_pass(spark, ag_model, tmp_path):
+    cfg, _ = ag_model
+    lines = [
+        b'"3","Stocks","Markets rose on Monday"',
+        b'"1","bad","bytes \xff\xfe kept as U+FFFD and scored"',  # scoring keeps undecodable bytes
+        b'"2","huge","' + b"word " * 50_000 + b'"',
+        b'"4","bro"ken","x"',
+        b'"1","",""',
+    ]
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": str(path),
+                              "output_path": str(tmp_path / "out"), "run_date": "2026-11-22",
+                              "id_columns": ["row_number", "label_raw"]},
+                  data={"max_text_chars": 100_000})
+    summary = score_batch(spark, cfg)["summary"]
+    assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (5, 2, 3)
+    assert summary["rejects_by_reason"] == {"empty_text": 1, "malformed_quoting": 1, "text_too_long": 1}
+    good = _partition(tmp_path / "out", "2026-11-22").sort_values("row_number")
+    assert good["row_number"].tolist() == [1, 2] and good["label_raw"].tolist() == ["3", "1"]
