@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from common import emit, machine, peak_rss_mb, resampled_ag_news
 
 from dl_pipeline.config import SparkConfig, load_config
-from dl_pipeline.features import clean_record, featurize_texts, ndarray_codec_bytes, text_spec
+from dl_pipeline.features import clean_record, featurize_texts, ndarray_codec_array, text_spec
 from dl_pipeline.prepare import prepare_dataset
 from dl_pipeline.sources import parse_zhang_line
 from dl_pipeline.spark import get_spark
@@ -49,8 +49,8 @@ def single_process(path: str, out: str, cfg) -> float:
         feats = featurize_texts(texts[s : s + 8192], spec)
         table = pa.table({
             "label": np.asarray(labels[s : s + 8192], np.int32),
-            "chars": ndarray_codec_bytes(feats["chars"]),
-            "tokens": ndarray_codec_bytes(feats["tokens"]),
+            "chars": ndarray_codec_array(feats["chars"]),
+            "tokens": ndarray_codec_array(feats["tokens"]),
             "length": feats["length"],
         })
         writer = writer or pq.ParquetWriter(out, table.schema)

@@ -241,6 +241,10 @@ def _featurize_udf(spec: dict[str, Any], spark_schema):
     fields = [StructField(f.name, f.dataType, True) for f in spark_schema.fields if f.name not in ("row_id", "label")]
     names = [f.name for f in fields]
 
+    def encoded(batch: np.ndarray) -> pd.Series:
+        # Arrow-backed: Spark hands the array to the JVM as is, no per-row Python objects.
+        return pd.Series(pd.arrays.ArrowExtensionArray(features.ndarray_codec_array(batch)))
+
     @pandas_udf(StructType(fields))
     def featurize(values: pd.Series) -> pd.DataFrame:
         out: dict[str, Any] = {}
@@ -248,14 +252,14 @@ def _featurize_udf(spec: dict[str, Any], spark_schema):
             feats = features.featurize_texts(values.tolist(), spec)
             for name in ("chars", "tokens"):
                 if name in feats:
-                    out[name] = features.ndarray_codec_bytes(feats[name])
+                    out[name] = encoded(feats[name])
             if "length" in feats:
                 out["length"] = feats["length"]
         else:
             im = spec["image"]
             shape = (im["height"], im["width"], im["channels"])
             pixels = np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in values]) if len(values) else np.zeros((0, *shape), np.uint8)
-            out["image"] = features.ndarray_codec_bytes(pixels)
+            out["image"] = encoded(pixels)
         return pd.DataFrame(out, columns=names)
 
     return featurize, names

@@ -8,8 +8,9 @@ from dl_pipeline.config import DataConfig, FeaturesConfig
 from dl_pipeline.features import (
     clean_record,
     clean_text,
+    crc32_spans,
     hash_tokens,
-    ndarray_codec_bytes,
+    ndarray_codec_array,
     quantize_chars,
     text_spec,
 )
@@ -88,21 +89,46 @@ def test_hash_tokens_batch_equals_row_by_row_definition(ngrams, max_tokens):
     assert lengths.tolist() == ref_lengths.tolist()
 
 
-def test_ascii_token_pattern_splits_like_the_unicode_one():
-    from dl_pipeline.features import _ASCII_TOKEN, _TOKEN
+def test_hash_tokens_ascii_path_splits_every_character_like_the_regex():
+    # The numpy tokenizer classifies bytes itself: check each ASCII character between words,
+    # doubled, at both ends of a row, and tokens around the 2-byte CRC steps and the zlib cutoff.
+    spec = text_spec(FeaturesConfig(max_tokens=64, hash_buckets=1 << 20), DataConfig())
+    texts = [f"{c}ab{c}cd{c}{c}E_f9{c}" for c in map(chr, range(128))]
+    texts += ["a" * n + " b" for n in (1, 2, 3, 31, 32, 33, 64, 255, 256, 300)] + ["", " ", "\n\n"]
+    ids, lengths = hash_tokens(texts, spec)
+    ref_ids, ref_lengths = _reference_hash_tokens(texts, spec)
+    for i, text in enumerate(texts):
+        assert ids[i].tolist() == ref_ids[i].tolist(), repr(text)
+    assert lengths.tolist() == ref_lengths.tolist()
 
-    for i in range(128):
-        line = f"ab{chr(i)}cd{chr(i)}"
-        assert [w.decode() for w in _ASCII_TOKEN.findall(line.encode())] == _TOKEN.findall(line), repr(chr(i))
+
+def test_crc32_spans_equals_zlib():
+    rng = np.random.default_rng(0)
+    buf = rng.integers(0, 256, 5000, dtype=np.uint8)
+    lengths = rng.integers(0, 300, 400)
+    starts = rng.integers(0, 5000 - 300, 400)
+    got = crc32_spans(buf, starts, lengths)
+    raw = buf.tobytes()
+    assert got.tolist() == [zlib.crc32(raw[s : s + n]) for s, n in zip(starts, lengths, strict=True)]
 
 
-def test_ndarray_codec_bytes_decode_with_petastorm():
+def test_quantize_chars_batch_equals_row_by_row_definition():
+    texts = ["Ab1!é", "", "x" * 20, "ÉCOLE ǅ İstanbul", "short", "ﬁne"]
+    for reverse in (True, False):
+        spec = text_spec(FeaturesConfig(char_length=12, reverse_chars=reverse), DataConfig())
+        table = {c: i for i, c in reversed(list(enumerate(spec["chars"]["alphabet"], start=1)))}
+        for text, row in zip(texts, quantize_chars(texts, spec), strict=True):
+            codes = [table.get(c, 0) for c in text[:24].lower()[:12]]
+            assert row.tolist() == (codes[::-1] if reverse else codes) + [0] * (12 - len(codes)), repr(text)
+
+
+def test_ndarray_codec_array_decodes_with_petastorm():
     from petastorm.codecs import NdarrayCodec
     from petastorm.unischema import UnischemaField
 
     batch = np.arange(24, dtype=np.int32).reshape(3, 8)
     field = UnischemaField("x", np.int32, (8,), NdarrayCodec(), False)
-    encoded = ndarray_codec_bytes(batch)
+    encoded = ndarray_codec_array(batch).to_pylist()
     for row, blob in zip(batch, encoded, strict=False):
         assert blob == bytes(NdarrayCodec().encode(field, row))
         np.testing.assert_array_equal(NdarrayCodec().decode(field, blob), row)
