@@ -1,4 +1,4 @@
-"""The prepared dataset on disk: Petastorm Unischema, writing with materialize_dataset, manifest.
+"""The prepared dataset on disk: Petastorm Unischema, row-group files, Petastorm metadata, manifest.
 
 Layout of ``prepare.output_path``::
 
@@ -10,11 +10,10 @@ Layout of ``prepare.output_path``::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -74,29 +73,35 @@ def split_url(path: str, split: str) -> str:
     return fsutil.join(fsutil.to_url(path), split)
 
 
-@contextlib.contextmanager
-def parquet_write_settings(spark, row_group_mb: int) -> Iterator[None]:
-    """Hadoop settings for writing a Petastorm dataset (what ``materialize_dataset`` sets).
+def arrow_schema(schema):
+    """Unischema -> the Arrow schema of its Parquet files (NdarrayCodec fields are binary)."""
+    import pyarrow as pa
+    from pyspark.sql.types import BinaryType, IntegerType, StringType
 
-    No summary files; ``parquet.block.size`` above a whole group so each file is one row group.
+    types = {BinaryType(): pa.binary(), IntegerType(): pa.int32(), StringType(): pa.string()}
+    return pa.schema([pa.field(f.name, types[f.dataType]) for f in schema.as_spark_schema().fields])
+
+
+def write_row_group(url: str, table) -> None:
+    """Write ``table`` as one Parquet file holding one row group; readers never see half a file.
+
+    Runs on executors. Written under an attempt-unique name then renamed, so a retried or
+    speculative task writing the same group (same rows, same bytes) cannot interleave.
+    Dictionary encoding is off (feature blobs are all distinct: it only costs time) and
+    statistics are kept for the small columns only (min/max of 1 KB blobs are useless).
     """
-    conf = spark.sparkContext._jsc.hadoopConfiguration()
-    wanted = {
-        "parquet.summary.metadata.level": "NONE",
-        "parquet.block.size.row.check.min": "3",
-        "parquet.row-group.size.row.check.min": "3",
-        "parquet.block.size": str(row_group_mb << 20),
-        # Feature blobs are all distinct: trying a dictionary first only costs time (~10%).
-        "parquet.enable.dictionary": "false",
-    }
-    before = {k: conf.get(k) for k in wanted}
-    for k, v in wanted.items():
-        conf.set(k, v)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            conf.unset(k) if v is None else conf.set(k, v)
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = fsutil.fs_and_path(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with fs.open(tmp, "wb") as fh:
+        pq.write_table(table, fh, row_group_size=max(1, table.num_rows), compression="snappy", use_dictionary=False,
+                       write_statistics=[f.name for f in table.schema if not pa.types.is_binary(f.type)])
+    fs.mv(tmp, path)
 
 
 def finalize_petastorm(url: str, schema) -> list[dict[str, Any]]:

@@ -349,6 +349,23 @@ def featurize_texts(texts: Sequence[str], spec: dict[str, Any]) -> dict[str, np.
     return out
 
 
+def encoded_features(values: Sequence[Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """Cleaned texts, or pixel blobs (uint8 H*W*C bytes), -> the stored feature columns as
+    Arrow arrays by name: Petastorm NdarrayCodec bytes for arrays, int32 for ``length``."""
+    import pyarrow as pa
+
+    if spec["kind"] == "text":
+        feats = featurize_texts(list(values), spec)
+        out = {name: ndarray_codec_array(feats[name]) for name in ("chars", "tokens") if name in feats}
+        if "length" in feats:
+            out["length"] = pa.array(feats["length"], type=pa.int32())
+        return out
+    im = spec["image"]
+    shape = (im["height"], im["width"], im["channels"])
+    pixels = np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in values]) if len(values) else np.zeros((0, *shape), np.uint8)
+    return {"image": ndarray_codec_array(pixels)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------

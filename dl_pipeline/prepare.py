@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from dl_pipeline import dataset, features, fsutil
 from dl_pipeline.config import Config, DataConfig, ShardConfig
@@ -228,41 +229,44 @@ def choose_layout(n_rows: int, spec: dict[str, Any], shard: ShardConfig, shuffle
     return math.ceil(groups / shuffle_partitions) * shuffle_partitions, shuffle_partitions
 
 
-def _featurize_udf(spec: dict[str, Any], spark_schema):
-    """Scalar Arrow UDF: text (or decoded pixels) -> struct of Petastorm-encoded feature columns.
+def _group_writer(spec: dict[str, Any], staging: str, arrow_schema):
+    """The function ``mapInPandas`` runs on executors: rows sorted by (split, _group, h) in,
+    one Parquet file per (split, group) out, written by pyarrow; yields (split, group, file, rows).
 
-    Scalar, not mapInPandas: Spark knows a scalar UDF keeps row order, so the write needs no
-    second sort after it.
+    Featurizing and writing in the same Python pass means the feature blobs (~2 KB a row) never
+    travel back to the JVM, and pyarrow's output depends on the rows alone: parquet-mr lists
+    column encodings in identity-hash order, so the same rows written by two JVMs differed.
     """
-    from pyspark.sql.functions import pandas_udf
-    from pyspark.sql.types import StructField, StructType
 
-    # Arrow returns nullable columns; Parquet files written by Spark are nullable anyway.
-    fields = [StructField(f.name, f.dataType, True) for f in spark_schema.fields if f.name not in ("row_id", "label")]
-    names = [f.name for f in fields]
+    def write(batches):
+        pending: list[pd.DataFrame] = []
 
-    def encoded(batch: np.ndarray) -> pd.Series:
-        # Arrow-backed: Spark hands the array to the JVM as is, no per-row Python objects.
-        return pd.Series(pd.arrays.ArrowExtensionArray(features.ndarray_codec_array(batch)))
+        def flush():
+            rows = pd.concat(pending, ignore_index=True) if len(pending) > 1 else pending[0]
+            split, group = rows["split"].iat[0], int(rows["_group"].iat[0])
+            columns = features.encoded_features(rows["value"], spec)
+            table = pa.table({"row_id": pa.array(rows["row_id"], pa.string()), "label": pa.array(rows["label"], pa.int32()),
+                              **columns}, schema=arrow_schema)
+            name = f"part-{group:05d}.parquet"
+            dataset.write_row_group(fsutil.join(staging, split, name), table)
+            pending.clear()
+            return pd.DataFrame({"split": [split], "group": [group], "file": [name], "rows": [table.num_rows]})
 
-    @pandas_udf(StructType(fields))
-    def featurize(values: pd.Series) -> pd.DataFrame:
-        out: dict[str, Any] = {}
-        if spec["kind"] == "text":
-            feats = features.featurize_texts(values.tolist(), spec)
-            for name in ("chars", "tokens"):
-                if name in feats:
-                    out[name] = encoded(feats[name])
-            if "length" in feats:
-                out["length"] = feats["length"]
-        else:
-            im = spec["image"]
-            shape = (im["height"], im["width"], im["channels"])
-            pixels = np.stack([np.frombuffer(b, np.uint8).reshape(shape) for b in values]) if len(values) else np.zeros((0, *shape), np.uint8)
-            out["image"] = encoded(pixels)
-        return pd.DataFrame(out, columns=names)
+        for pdf in batches:
+            # Rows arrive sorted: cut the batch where (split, group) changes.
+            key = pdf["split"] + ":" + pdf["_group"].astype(str)
+            cuts = np.flatnonzero(key.to_numpy()[1:] != key.to_numpy()[:-1]) + 1
+            for part in np.split(np.arange(len(pdf)), cuts):
+                if not len(part):
+                    continue
+                piece = pdf.iloc[part]
+                if pending and (piece["split"].iat[0], piece["_group"].iat[0]) != (pending[0]["split"].iat[0], pending[0]["_group"].iat[0]):
+                    yield flush()
+                pending.append(piece)
+        if pending:
+            yield flush()
 
-    return featurize, names
+    return write
 
 
 def _rename_parts(spark, url: str) -> list[str]:
@@ -280,57 +284,45 @@ def _rename_parts(spark, url: str) -> list[str]:
     return sorted(names)
 
 
-def _collect_groups(spark, src: str, dst: str) -> None:
-    """<src>/_group=G/part-*.parquet -> <dst>/part-G.parquet (stable names, one file per group)."""
-    fs, path = hadoop_path(spark, src)
-    hadoop_delete(spark, dst)
-    dst_fs, dst_path = hadoop_path(spark, dst)
-    dst_fs.mkdirs(dst_path)
-    Path = spark._jvm.org.apache.hadoop.fs.Path
-    for st in fs.listStatus(path):
-        name = st.getPath().getName()
-        if not name.startswith("_group="):
-            continue
-        parts = [f for f in fs.listStatus(st.getPath()) if f.getPath().getName().endswith(".parquet")]
-        if len(parts) != 1:  # would mean a group was split across tasks: never silently
-            raise PipelineError(f"{src}/{name}: expected one file per row group, found {len(parts)}")
-        fs.rename(parts[0].getPath(), Path(dst_path, f"part-{int(name[len('_group='):]):05d}.parquet"))
-
-
-def write_splits(spark, resolved, out: str, spec: dict[str, Any], row_group_mb: int, num_partitions: int) -> dict[str, dict[str, Any]]:
+def write_splits(spark, resolved, out: str, spec: dict[str, Any], num_partitions: int) -> dict[str, dict[str, Any]]:
     """Write the clean rows of every split as Petastorm datasets ``<out>/{train,val,test}``.
 
     One Spark job for all splits. ``resolved`` is hash-partitioned so that every row group
     (``_group``, see resolve_duplicates) lies within one partition; partitions are coalesced
-    into one Python task per core, since each Python task costs ~0.1 s of fixed overhead, and
-    ``partitionBy(split, _group)`` over rows sorted by (split, group) writes exactly one file =
-    one row group per (split, group). Rows inside a group are ordered by content hash:
-    seeded-random, reproducible, so re-runs give byte-identical files.
+    into one Python task per core, since each Python task costs ~0.1 s of fixed overhead.
+    Each task featurizes its rows and writes one file = one row group per (split, group) under
+    ``<out>/_staging`` (see _group_writer); the driver checks the files against the counts and
+    moves each split into place. Rows inside a group are ordered by content hash:
+    seeded-random and reproducible, so re-runs give byte-identical files, on any cluster.
     """
     from pyspark.sql import functions as F
 
     schema = dataset.make_schema(spec)
-    featurize, feature_names = _featurize_udf(spec, schema.as_spark_schema())
+    staging = fsutil.join(out, "_staging")
+    hadoop_delete(spark, staging)  # leftovers of a crashed run
     tasks = max(1, min(spark.sparkContext.defaultParallelism, num_partitions))
-    ok = (
+    rows = (
         resolved.filter(F.col("status") == "ok")
         .coalesce(tasks)
         .sortWithinPartitions("split", "_group", "h")
-        .withColumn("_f", featurize(F.col("text") if spec["kind"] == "text" else F.col("content")))
-        .select("split", "_group", F.lower(F.hex("h")).alias("row_id"), "label", *[F.col(f"_f.{n}").alias(n) for n in feature_names])
+        .select("split", "_group", F.lower(F.hex("h")).alias("row_id"), "label",
+                (F.col("text") if spec["kind"] == "text" else F.col("content")).alias("value"))
     )
-    staging = fsutil.join(out, "_staging")
-    with dataset.parquet_write_settings(spark, row_group_mb):
-        ok.write.mode("overwrite").partitionBy("split", "_group").parquet(staging)
+    written = rows.mapInPandas(_group_writer(spec, staging, dataset.arrow_schema(schema)),
+                               "split string, group int, file string, rows long").collect()
+    keys = [(w["split"], w["group"]) for w in written]
+    if len(keys) != len(set(keys)):  # a group split across tasks: never silently
+        raise PipelineError(f"{staging}: a row group was written by more than one task: {sorted(keys)}")
     result = {}
     for split in dataset.SPLITS:
         url = fsutil.join(out, split)
-        src = fsutil.join(staging, f"split={split}")
-        if not fsutil.exists(src):  # no rows: no dataset (and the manifest says so)
-            hadoop_delete(spark, url)
+        hadoop_delete(spark, url)
+        if split not in {k[0] for k in keys}:  # no rows: no dataset (and the manifest says so)
             result[split] = {"rows": 0, "row_groups": 0, "rows_per_row_group": [], "files": []}
             continue
-        _collect_groups(spark, src, url)
+        fs, src = hadoop_path(spark, fsutil.join(staging, split))
+        if not fs.rename(src, hadoop_path(spark, url)[1]):
+            raise PipelineError(f"could not move {staging}/{split} to {url}")
         files = dataset.finalize_petastorm(url, schema)
         result[split] = {
             "rows": sum(f["rows"] for f in files),
@@ -404,7 +396,6 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
     # shuffle), from an estimate of the input rows that leans high.
     n_est = estimate_rows(data)
     groups, partitions = choose_layout(n_est, spec, cfg.shard, _shuffle_partitions(spark))
-    group_mb = max(8, 4 * math.ceil(n_est / groups * dataset.bytes_per_row(spec) / (1 << 20)))
     # The cache holds mostly unique strings, for which Spark's columnar encoders only burn CPU
     # (~2 s of 40 at 1M rows); the session's value is restored after the job.
     compressed_conf = "spark.sql.inMemoryColumnarStorage.compressed"
@@ -441,7 +432,7 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
         timings["write_rejects_s"] = round(time.time() - t, 3)
 
         t = time.time()
-        splits = write_splits(spark, resolved, out, spec, group_mb, partitions)
+        splits = write_splits(spark, resolved, out, spec, partitions)
         for split in dataset.SPLITS:
             if splits[split]["rows"] != summary["counts"]["splits"][split]:
                 raise PipelineError(f"{out}/{split}: wrote {splits[split]['rows']} rows, counted {summary['counts']['splits'][split]}")

@@ -49,6 +49,15 @@ def demo_config(tmp, *overrides):
     ])
 
 
+def shard_digests(root):
+    """{split/part-N.parquet: sha256} of a prepared dataset's shards."""
+    import glob
+    import hashlib
+
+    return {os.path.relpath(p, root): hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in sorted(glob.glob(f"{root}/*/*.parquet")) if "/rejects/" not in p}
+
+
 @pytest.fixture(scope="session")
 def ag_prepared(spark, tmp_path_factory):
     """(config, manifest) for the bundled AG News sample, prepared once per session."""

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import AG_TEST, AG_TRAIN, ROOT
+from conftest import AG_TEST, AG_TRAIN, ROOT, shard_digests
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.py")))
 
@@ -138,7 +138,7 @@ def standalone_cluster(tmp_path):
 
 
 @pytest.mark.slow
-def test_spark_submit_on_standalone_cluster(standalone_cluster, tmp_path):
+def test_spark_submit_on_standalone_cluster(standalone_cluster, ag_prepared, tmp_path):
     master, env = standalone_cluster
     zpath = tmp_path / "dl_pipeline.zip"
     with zipfile.ZipFile(zpath, "w") as z:
@@ -165,6 +165,10 @@ def test_spark_submit_on_standalone_cluster(standalone_cluster, tmp_path):
     run("prepare_data.py")
     manifest = json.load(open(tmp_path / "prepared" / "manifest.json"))
     assert manifest["counts"]["input_rows"] == 18029
+    # Same input and settings as the session's local run: byte-identical shards, although two
+    # executor JVMs on another master (and another shuffle partition count) wrote them.
+    local = shard_digests(ag_prepared[0].prepare.output_path)
+    assert len(local) >= 16 and shard_digests(str(tmp_path / "prepared")) == local
     run("train.py")
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))
     assert metrics["world_size"] == 2 and metrics["test"]["rows"] == 7600

@@ -1,14 +1,13 @@
 import csv
 import glob
 import gzip
-import hashlib
 import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import AG_TEST, AG_TRAIN, SAMPLE
+from conftest import AG_TEST, AG_TRAIN, SAMPLE, shard_digests
 from dl_pipeline.config import load_config
 from dl_pipeline.errors import UserError
 from dl_pipeline.prepare import prepare_dataset
@@ -136,17 +135,12 @@ def test_ag_sample_counts_match_csv_records_and_shards_are_balanced(ag_prepared)
         assert len(set(pq.read_table(f, columns=["label"]).column("label").to_pylist())) == 4
 
 
-def _digests(root):
-    return {os.path.relpath(p, root): hashlib.sha256(open(p, "rb").read()).hexdigest()
-            for p in sorted(glob.glob(f"{root}/*/*.parquet"))}
-
-
 def test_rerun_gives_byte_identical_shards(spark, ag_prepared, tmp_path):
     from dl_pipeline.config import replace
 
     cfg, manifest = ag_prepared
     again = prepare_dataset(spark, replace(cfg, prepare={"output_path": str(tmp_path / "again")}))
-    first, second = _digests(cfg.prepare.output_path), _digests(str(tmp_path / "again"))
+    first, second = shard_digests(cfg.prepare.output_path), shard_digests(str(tmp_path / "again"))
     assert len(first) >= 3 * 8 and first == second
     assert again["counts"] == manifest["counts"]
 
