@@ -33,9 +33,12 @@ FEATURIZER_VERSION = 1
 # ---------------------------------------------------------------------------------------------
 
 # The Zhang et al. CSVs were scraped with '&' stripped from entities: "#39;" "quot;" "amp;".
-# Zero-width: the fix inserts '&' with a constant replacement (no template expansion per match).
-_BARE_NUMERIC_ENTITY = re.compile(r"(?<!&)(?=#\d{1,6};)")
+# Constant replacements (no template expansion per match). The numeric pattern starts with a
+# literal '#' so the regex engine skips ahead to candidates; the named one is zero-width and
+# tried at every position, so it only runs when one of the names occurs at all.
+_BARE_NUMERIC_ENTITY = re.compile(r"(?<!&)#(?=\d{1,6};)")
 _BARE_NAMED_ENTITY = re.compile(r"(?<![&\w;])(?=(?:quot|amp|lt|gt|nbsp|apos);)")
+_ENTITY_NAMES = ("quot;", "amp;", "lt;", "gt;", "nbsp;", "apos;")
 _TAG = re.compile(r"<[^<>]{0,200}>")
 _ESCAPED_NEWLINE = re.compile(r"\\n|\\")
 _HSPACE = re.compile(r"[^\S\n]+")
@@ -53,8 +56,10 @@ def clean_text(text: str) -> str:
         return ""
     t = _ESCAPED_NEWLINE.sub("\n", text) if "\\" in text else text
     if ";" in t:  # both bare-entity patterns end in ';'
-        t = _BARE_NUMERIC_ENTITY.sub("&", t)
-        t = _BARE_NAMED_ENTITY.sub("&", t)
+        if "#" in t:
+            t = _BARE_NUMERIC_ENTITY.sub("&#", t)
+        if any(name in t for name in _ENTITY_NAMES):
+            t = _BARE_NAMED_ENTITY.sub("&", t)
     if "&" in t:
         # Two rounds: the originals hold double-escaped entities such as "&amp;lt;".
         t = html.unescape(html.unescape(t))

@@ -138,9 +138,11 @@ def resolve_duplicates(num_row_groups: int, num_partitions: int, seed: int):
         df = df.withColumn("_group", F.pmod(F.hash("_rg"), F.lit(num_row_groups))).repartition(num_partitions, "_rg")
         # (_rg, _g) rather than (_g): hash partitioning on _rg then satisfies the window's
         # clustering, and _rg is a function of _g so the groups are the same.
-        key = Window.partitionBy("_rg", "_g", "origin")
-        ordered = key.orderBy(F.col("source_file"), F.col("row_number").asc_nulls_last(), F.col("raw"))
-        conflict = F.min("label").over(key) != F.max("label").over(key)
+        ordered = Window.partitionBy("_rg", "_g", "origin").orderBy(F.col("source_file"), F.col("row_number").asc_nulls_last(), F.col("raw"))
+        # One partition and order spec for both windows: Spark then sorts the rows once, not
+        # twice (an unordered window for min/max would be a second Window with its own Sort).
+        whole = ordered.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+        conflict = F.min("label").over(whole) != F.max("label").over(whole)
         first = F.row_number().over(ordered) == 1
         reason = F.when(ok & conflict, F.lit("conflicting_labels")).when(ok & ~first, F.lit("duplicate")).otherwise(F.col("reason"))
         # Clean rows no longer need their raw record: keep the cache small.
