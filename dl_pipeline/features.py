@@ -224,6 +224,7 @@ def _crc32_tables() -> tuple[np.ndarray, np.ndarray]:
 _WORD_BYTE, _SPACE_BYTE = _byte_classes()
 _CRC8, _CRC16 = _crc32_tables()
 _CRC_MAX_LEN = 32  # longer tokens (rare: URLs, runs of letters) go through zlib one by one
+_MIN_VECTOR_ROWS = 16  # below this many ASCII rows the regex path is faster (~16 us/row either way)
 
 
 def crc32_spans(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -327,7 +328,7 @@ def hash_tokens(texts: Iterable[str], spec: dict[str, Any]) -> tuple[np.ndarray,
     UTF-8; unigram ids then bigram ids, each ``1 + h mod buckets``; 0 pads. crc32 is a stable
     hash (Python's ``hash`` is salted per process, which would break scoring). ASCII rows (almost
     all, after NFKC) are tokenized and hashed by numpy over the whole batch (~3x faster);
-    others by the regex, row by row.
+    others, and batches of a few rows, by the regex, row by row.
     """
     ts = spec["tokens"]
     buckets, max_tokens, ngrams = np.uint64(ts["buckets"]), int(ts["max_tokens"]), int(ts["ngrams"])
@@ -336,6 +337,8 @@ def hash_tokens(texts: Iterable[str], spec: dict[str, Any]) -> tuple[np.ndarray,
     ids = np.zeros((len(rows), max_tokens), dtype=np.int32)
     lengths = np.zeros(len(rows), dtype=np.int64)
     is_ascii = np.fromiter((t.isascii() for t in rows), dtype=bool, count=len(rows))
+    if is_ascii.sum() < _MIN_VECTOR_ROWS:  # numpy's fixed cost per call outweighs the regex
+        is_ascii[:] = False
     for mask, hasher in ((is_ascii, _ascii_token_hashes), (~is_ascii, _unicode_token_hashes)):
         idx = np.flatnonzero(mask)
         if len(idx):

@@ -83,7 +83,9 @@ def test_hash_tokens_batch_equals_row_by_row_definition(ngrams, max_tokens):
     spec = text_spec(FeaturesConfig(max_tokens=max_tokens, hash_buckets=1000, ngrams=ngrams), DataConfig())
     texts = ["Hello, world", "", "one", "a b", "x " * 100, "É école ÜBER 中文？", "ctl\x1csep\x1fmore!",
              "Straße İstanbul", "tabs\tand\nlines", "mixed ascii, then é"]
+    texts = texts * 4  # enough ASCII rows for the vectorised path; the first 10 also alone (regex path)
     ids, lengths = hash_tokens(texts, spec)
+    assert hash_tokens(texts[:10], spec)[0].tolist() == ids[:10].tolist()
     ref_ids, ref_lengths = _reference_hash_tokens(texts, spec)
     assert ids.tolist() == ref_ids.tolist()
     assert lengths.tolist() == ref_lengths.tolist()
