@@ -3,7 +3,8 @@
 Pipeline (each step a ``DataFrame -> DataFrame`` transform)::
 
     read_raw -> parse_labels -> clean_content -> resolve_duplicates (the one shuffle) -> assign_splits
-             -> persist -> counts (accounting identity checked) -> rejects/ + train/ val/ test/ (one job)
+             -> write_outputs: featurize, count, write rejects/ + train/ val/ test/ (one job, no cache)
+             -> accounting identity checked -> outputs moved into place -> manifest
 
 Every input row ends in exactly one place: a split, ``rejects/`` with a reason, or (for exact
 duplicates, also kept in ``rejects/`` with reason ``duplicate``) counted as a duplicate.
@@ -231,17 +232,41 @@ def choose_layout(n_rows: int, spec: dict[str, Any], shard: ShardConfig, shuffle
     return math.ceil(groups / shuffle_partitions) * shuffle_partitions, shuffle_partitions
 
 
-def _group_writer(spec: dict[str, Any], staging: str, arrow_schema):
-    """The function ``mapInPandas`` runs on executors: rows sorted by (split, _group, h) in,
-    one Parquet file per (split, group) out, written by pyarrow; yields (split, group, file, rows).
+REJECTS_SCHEMA = pa.schema([("origin", pa.string()), ("source_file", pa.string()), ("row_number", pa.int64()),
+                            ("raw", pa.string()), ("reason", pa.string())])
+_WRITER_OUTPUT = "kind string, split string, grp int, file string, status string, reason string, label int, n long"
+
+
+def _report(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows of _WRITER_OUTPUT, missing fields null (mapInPandas wants every column)."""
+    names = [c.split()[0] for c in _WRITER_OUTPUT.split(", ")]
+    return pd.DataFrame([[r.get(n) for n in names] for r in rows], columns=names).astype({"grp": "Int32", "label": "Int32"})
+
+
+def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
+    """The function ``mapInPandas`` runs on executors, once per task, over every row.
+
+    Rows come sorted: rejected and duplicate rows first (by file and row number), then clean
+    rows by (split, group, content hash). Writes, with pyarrow, under ``staging``:
+      * ``<split>/part-<group>.parquet``: one file = one row group per (split, group);
+      * ``rejects/part-<task>.parquet``: the task's rejected and duplicate rows.
+    Yields ("file", split, group, name, rows) per file and ("count", status, reason, split,
+    label, n) rows that the driver sums into the manifest's counts.
 
     Featurizing and writing in the same Python pass means the feature blobs (~2 KB a row) never
-    travel back to the JVM, and pyarrow's output depends on the rows alone: parquet-mr lists
-    column encodings in identity-hash order, so the same rows written by two JVMs differed.
+    travel back to the JVM, and counting here saves a pass over the data (and a cache of it).
+    pyarrow's output depends on the rows alone: parquet-mr lists column encodings in
+    identity-hash order, so the same rows written by two JVMs used to differ.
     """
 
     def write(batches):
+        import pyarrow.parquet as pq
+        from pyspark import TaskContext
+
+        task = TaskContext.get().partitionId()
         pending: list[pd.DataFrame] = []
+        counts: dict[tuple, int] = {}
+        rejects = None  # (file object, ParquetWriter, temp path), opened at the first reject
 
         def flush():
             rows = pd.concat(pending, ignore_index=True) if len(pending) > 1 else pending[0]
@@ -252,10 +277,22 @@ def _group_writer(spec: dict[str, Any], staging: str, arrow_schema):
             name = f"part-{group:05d}.parquet"
             dataset.write_row_group(fsutil.join(staging, split, name), table)
             pending.clear()
-            return pd.DataFrame({"split": [split], "group": [group], "file": [name], "rows": [table.num_rows]})
+            return _report([{"kind": "file", "split": split, "grp": group, "file": name, "n": table.num_rows}])
 
         for pdf in batches:
-            # Rows arrive sorted: cut the batch where (split, group) changes.
+            labels = pdf["label"].fillna(-1).astype(np.int64)
+            for key, n in pd.DataFrame({"s": pdf["status"], "r": pdf["reason"], "p": pdf["split"], "l": labels}).value_counts(dropna=False).items():
+                counts[key] = counts.get(key, 0) + int(n)
+            bad = (pdf["status"] != "ok").to_numpy()
+            if bad.any():
+                if rejects is None:
+                    fs, path = fsutil.fs_and_path(fsutil.join(staging, "rejects", f"part-{task:05d}.parquet"))
+                    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                    fh = fs.open(f"{path}.tmp", "wb")
+                    rejects = (fh, pq.ParquetWriter(fh, REJECTS_SCHEMA, compression="snappy"), fs, path)
+                rejects[1].write_table(pa.Table.from_pandas(pdf.loc[bad, REJECTS_SCHEMA.names], schema=REJECTS_SCHEMA, preserve_index=False))
+                pdf = pdf.loc[~bad]
+            # Clean rows: cut the batch where (split, group) changes.
             key = pdf["split"] + ":" + pdf["_group"].astype(str)
             cuts = np.flatnonzero(key.to_numpy()[1:] != key.to_numpy()[:-1]) + 1
             for part in np.split(np.arange(len(pdf)), cuts):
@@ -267,35 +304,36 @@ def _group_writer(spec: dict[str, Any], staging: str, arrow_schema):
                 pending.append(piece)
         if pending:
             yield flush()
+        if rejects is not None:
+            fh, writer, fs, path = rejects
+            writer.close()
+            fh.close()
+            fs.mv(f"{path}.tmp", path)
+        yield _report([{"kind": "count", "status": s, "reason": r, "split": p, "label": None if lab < 0 else int(lab), "n": n}
+                       for (s, r, p, lab), n in counts.items()])
 
     return write
 
 
-def _rename_parts(spark, url: str) -> list[str]:
-    """part-00003-<uuid>-c000.snappy.parquet -> part-00003.parquet (stable names across runs)."""
-    fs, path = hadoop_path(spark, url)
-    names = []
-    for st in fs.listStatus(path):
-        name = st.getPath().getName()
-        if name.startswith("part-") and name.endswith(".parquet"):
-            new = f"part-{int(name[5:10]):05d}.parquet"
-            fs.rename(st.getPath(), spark._jvm.org.apache.hadoop.fs.Path(path, new))
-            names.append(new)
-        elif name == "_SUCCESS":
-            fs.delete(st.getPath(), False)
-    return sorted(names)
+def _move(spark, src: str, dst: str) -> None:
+    """Replace ``dst`` by ``src`` (a Hadoop rename: atomic per directory on HDFS and local)."""
+    hadoop_delete(spark, dst)
+    fs, path = hadoop_path(spark, src)
+    if not fs.rename(path, hadoop_path(spark, dst)[1]):
+        raise PipelineError(f"could not move {src} to {dst}")
 
 
-def write_splits(spark, resolved, out: str, spec: dict[str, Any], num_partitions: int) -> dict[str, dict[str, Any]]:
-    """Write the clean rows of every split as Petastorm datasets ``<out>/{train,val,test}``.
+def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partitions: int, num_classes: int,
+                  train_path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Write ``<out>/rejects`` and the Petastorm datasets ``<out>/{train,val,test}`` in one Spark
+    job; returns (summary of counts, split info). Raises if the rows do not add up.
 
-    One Spark job for all splits. ``resolved`` is hash-partitioned so that every row group
-    (``_group``, see resolve_duplicates) lies within one partition; partitions are coalesced
-    into one Python task per core, since each Python task costs ~0.1 s of fixed overhead.
-    Each task featurizes its rows and writes one file = one row group per (split, group) under
-    ``<out>/_staging`` (see _group_writer); the driver checks the files against the counts and
-    moves each split into place. Rows inside a group are ordered by content hash:
-    seeded-random and reproducible, so re-runs give byte-identical files, on any cluster.
+    ``resolved`` is hash-partitioned so that every row group (``_group``, see
+    resolve_duplicates) lies within one partition; partitions are coalesced into one Python
+    task per core (each Python task costs ~0.1 s of fixed overhead here), which writes its
+    files (see _dataset_writer) under ``<out>/_staging``; the driver checks them against the
+    counts and moves each output into place. Rows inside a group are ordered by content hash:
+    seeded-random and reproducible, so re-runs give byte-identical shards, on any cluster.
     """
     from pyspark.sql import functions as F
 
@@ -303,37 +341,54 @@ def write_splits(spark, resolved, out: str, spec: dict[str, Any], num_partitions
     staging = fsutil.join(out, "_staging")
     hadoop_delete(spark, staging)  # leftovers of a crashed run
     tasks = max(1, min(spark.sparkContext.defaultParallelism, num_partitions))
+    ok = F.col("status") == "ok"
     rows = (
-        resolved.filter(F.col("status") == "ok")
+        resolved.select(
+            "status", "reason", "split", "_group", "h", "label", "origin", "source_file", "row_number",
+            F.when(ok, F.lower(F.hex("h"))).alias("row_id"),
+            F.when(ok, F.col("text") if spec["kind"] == "text" else F.col("content")).alias("value"),
+            F.when(~ok, F.substring("raw", 1, RAW_LIMIT)).alias("raw"),
+        )
         .coalesce(tasks)
-        .sortWithinPartitions("split", "_group", "h")
-        .select("split", "_group", F.lower(F.hex("h")).alias("row_id"), "label",
-                (F.col("text") if spec["kind"] == "text" else F.col("content")).alias("value"))
+        # Rejects (null split) first, in file order; then clean rows by split, group, hash.
+        .sortWithinPartitions("split", F.when(ok, F.col("_group")), F.when(ok, F.col("h")), "source_file", "row_number", "raw")
     )
-    written = rows.mapInPandas(_group_writer(spec, staging, dataset.arrow_schema(schema)),
-                               "split string, group int, file string, rows long").collect()
-    keys = [(w["split"], w["group"]) for w in written]
+    written = rows.mapInPandas(_dataset_writer(spec, staging, dataset.arrow_schema(schema)), _WRITER_OUTPUT).collect()
+    summary = summarize([r.asDict() for r in written if r["kind"] == "count"], num_classes)
+    check_accounting(summary["counts"])
+    keys = [(w["split"], w["grp"]) for w in written if w["kind"] == "file"]
     if len(keys) != len(set(keys)):  # a group split across tasks: never silently
         raise PipelineError(f"{staging}: a row group was written by more than one task: {sorted(keys)}")
-    result = {}
+
+    if fsutil.exists(fsutil.join(staging, "rejects")):
+        _move(spark, fsutil.join(staging, "rejects"), fsutil.join(out, "rejects"))
+    else:  # no rejects: still a (empty) table, so readers need no special case
+        hadoop_delete(spark, fsutil.join(out, "rejects"))
+        dataset.write_row_group(fsutil.join(out, "rejects", "part-00000.parquet"), REJECTS_SCHEMA.empty_table())
+    if summary["counts"]["splits"]["train"] == 0:
+        hadoop_delete(spark, staging)
+        raise UserError(f"{train_path}: no usable training rows ({json.dumps(summary['rejects_by_reason'])}); see {out}/rejects")
+
+    splits = {}
     for split in dataset.SPLITS:
         url = fsutil.join(out, split)
-        hadoop_delete(spark, url)
         if split not in {k[0] for k in keys}:  # no rows: no dataset (and the manifest says so)
-            result[split] = {"rows": 0, "row_groups": 0, "rows_per_row_group": [], "files": []}
+            hadoop_delete(spark, url)
+            splits[split] = {"rows": 0, "row_groups": 0, "rows_per_row_group": [], "files": [], "per_class": summary["per_class"][split]}
             continue
-        fs, src = hadoop_path(spark, fsutil.join(staging, split))
-        if not fs.rename(src, hadoop_path(spark, url)[1]):
-            raise PipelineError(f"could not move {staging}/{split} to {url}")
+        _move(spark, fsutil.join(staging, split), url)
         files = dataset.finalize_petastorm(url, schema)
-        result[split] = {
+        splits[split] = {
             "rows": sum(f["rows"] for f in files),
             "row_groups": sum(f["row_groups"] for f in files),
             "rows_per_row_group": [f["rows"] for f in files],
             "files": [f["file"] for f in files],
+            "per_class": summary["per_class"][split],
         }
+        if splits[split]["rows"] != summary["counts"]["splits"][split]:
+            raise PipelineError(f"{url}: wrote {splits[split]['rows']} rows, counted {summary['counts']['splits'][split]}")
     hadoop_delete(spark, staging)
-    return result
+    return summary, splits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,9 +434,6 @@ def _shuffle_partitions(spark) -> int:
 
 def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
     """Run the prepare stage; returns the manifest (also written to ``prepare.output_path``)."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     if not cfg.prepare.output_path:
         raise UserError("prepare.output_path is not set: pass --set prepare.output_path=DIR")
     out = fsutil.to_url(cfg.prepare.output_path)
@@ -398,51 +450,15 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
     # shuffle), from an estimate of the input rows that leans high.
     n_est = estimate_rows(data)
     groups, partitions = choose_layout(n_est, spec, cfg.shard, _shuffle_partitions(spark))
-    # The cache holds mostly unique strings, for which Spark's columnar encoders only burn CPU
-    # (~2 s of 40 at 1M rows); the session's value is restored after the job.
-    compressed_conf = "spark.sql.inMemoryColumnarStorage.compressed"
-    compressed_before = spark.conf.get(compressed_conf, "true")
-    spark.conf.set(compressed_conf, "false")
     resolved = (
         raw.transform(parse_labels(label_index, data.label_base, k))
         .transform(clean_content(data))
         .transform(resolve_duplicates(groups, partitions, cfg.shard.seed))
         .transform(assign_splits(cfg.shard, bool(data.test_path)))
-        .persist(StorageLevel.MEMORY_AND_DISK)
     )
-    try:
-        rows = resolved.groupBy("status", "reason", "split", "label").agg(F.count(F.lit(1)).alias("n")).collect()
-        summary = summarize([r.asDict() for r in rows], k)
-        check_accounting(summary["counts"])
-        timings["read_clean_count_s"] = round(time.time() - t, 3)
-        log.info("prepare counts: %s (%d row groups, estimated %d input rows)", json.dumps(summary["counts"]), groups, n_est)
-        if summary["counts"]["splits"]["train"] == 0:
-            raise UserError(f"{data.train_path}: no usable training rows ({json.dumps(summary['rejects_by_reason'])}); see {out}/rejects")
-
-        t = time.time()
-        rejects = resolved.filter(F.col("status") != "ok").select(
-            "origin",
-            "source_file",
-            "row_number",
-            F.substring(F.col("raw"), 1, RAW_LIMIT).alias("raw"),
-            "reason",
-        )
-        rejects_url = fsutil.join(out, "rejects")
-        # coalesce then a local sort: one ordered file without a sampling job and a shuffle.
-        rejects.coalesce(1).sortWithinPartitions("source_file", "row_number", "raw").write.mode("overwrite").parquet(rejects_url)
-        _rename_parts(spark, rejects_url)
-        timings["write_rejects_s"] = round(time.time() - t, 3)
-
-        t = time.time()
-        splits = write_splits(spark, resolved, out, spec, partitions)
-        for split in dataset.SPLITS:
-            if splits[split]["rows"] != summary["counts"]["splits"][split]:
-                raise PipelineError(f"{out}/{split}: wrote {splits[split]['rows']} rows, counted {summary['counts']['splits'][split]}")
-            splits[split]["per_class"] = summary["per_class"][split]
-        timings["write_splits_s"] = round(time.time() - t, 3)
-    finally:
-        resolved.unpersist()
-        spark.conf.set(compressed_conf, compressed_before)
+    summary, splits = write_outputs(spark, resolved, out, spec, partitions, k, data.train_path)
+    timings["read_clean_write_s"] = round(time.time() - t, 3)
+    log.info("prepare counts: %s (%d row groups, estimated %d input rows)", json.dumps(summary["counts"]), groups, n_est)
 
     timings["total_s"] = round(time.time() - t0, 3)
     schema = dataset.make_schema(spec)

@@ -159,6 +159,9 @@ def test_split_is_stable_when_rows_are_added(spark, tmp_path):
 
     a, b = ids(small, tmp_path / "a"), ids(big, tmp_path / "b")
     assert a["val"] and a["val"] <= b["val"] and a["train"] <= b["train"]
+    # no bad rows: the rejects table is still there, empty, with its columns
+    rejects = pq.read_table(tmp_path / "b" / "rejects")
+    assert rejects.num_rows == 0 and rejects.column_names == ["origin", "source_file", "row_number", "raw", "reason"]
 
 
 def test_idx_decoding_is_exact(spark, tmp_path):
