@@ -137,9 +137,12 @@ def resolve_duplicates(num_row_groups: int, num_partitions: int, seed: int):
         if num_row_groups % num_partitions:
             raise ValueError(f"{num_partitions} partitions do not divide {num_row_groups} row groups")
         df = df.withColumn("_group", F.pmod(F.hash("_rg"), F.lit(num_row_groups))).repartition(num_partitions, "_rg")
-        # (_rg, _g) rather than (_g): hash partitioning on _rg then satisfies the window's
-        # clustering, and _rg is a function of _g so the groups are the same.
-        ordered = Window.partitionBy("_rg", "_g", "origin").orderBy(F.col("source_file"), F.col("row_number").asc_nulls_last(), F.col("raw"))
+        # (_group, _rg, _g) rather than (_g): hash partitioning on _rg satisfies the window's
+        # clustering, and _group and _rg are functions of _g, so the groups are the same. The
+        # window's sort then also leaves each row group's rows together, in _rg order (a seeded
+        # hash of the content), which is all the writer needs: no second sort.
+        ordered = Window.partitionBy("_group", "_rg", "_g", "origin").orderBy(
+            F.col("source_file"), F.col("row_number").asc_nulls_last(), F.col("raw"))
         # One partition and order spec for both windows: Spark then sorts the rows once, not
         # twice (an unordered window for min/max would be a second Window with its own Sort).
         whole = ordered.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
@@ -246,8 +249,8 @@ def _report(rows: list[dict[str, Any]]) -> pd.DataFrame:
 def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
     """The function ``mapInPandas`` runs on executors, once per task, over every row.
 
-    Rows come sorted: rejected and duplicate rows first (by file and row number), then clean
-    rows by (split, group, content hash). Writes, with pyarrow, under ``staging``:
+    Rows come with each row group's rows together (see resolve_duplicates), in a seeded order
+    of their content. Writes, with pyarrow, under ``staging``:
       * ``<split>/part-<group>.parquet``: one file = one row group per (split, group);
       * ``rejects/part-<task>.parquet``: the task's rejected and duplicate rows.
     Yields ("file", split, group, name, rows) per file and ("count", status, reason, split,
@@ -264,20 +267,21 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
         from pyspark import TaskContext
 
         task = TaskContext.get().partitionId()
-        pending: list[pd.DataFrame] = []
+        pending: dict[str, list[pd.DataFrame]] = {}  # the current group's clean rows, by split
         counts: dict[tuple, int] = {}
-        rejects = None  # (file object, ParquetWriter, temp path), opened at the first reject
+        rejects = None  # (file object, ParquetWriter, filesystem, path), opened at the first reject
 
         def flush():
-            rows = pd.concat(pending, ignore_index=True) if len(pending) > 1 else pending[0]
-            split, group = rows["split"].iat[0], int(rows["_group"].iat[0])
-            columns = features.encoded_features(rows["value"], spec)
-            table = pa.table({"row_id": pa.array(rows["row_id"], pa.string()), "label": pa.array(rows["label"], pa.int32()),
-                              **columns}, schema=arrow_schema)
-            name = f"part-{group:05d}.parquet"
-            dataset.write_row_group(fsutil.join(staging, split, name), table)
+            for split, pieces in sorted(pending.items()):
+                rows = pd.concat(pieces, ignore_index=True) if len(pieces) > 1 else pieces[0]
+                group = int(rows["_group"].iat[0])
+                columns = features.encoded_features(rows["value"], spec)
+                table = pa.table({"row_id": pa.array(rows["row_id"], pa.string()), "label": pa.array(rows["label"], pa.int32()),
+                                  **columns}, schema=arrow_schema)
+                name = f"part-{group:05d}.parquet"
+                dataset.write_row_group(fsutil.join(staging, split, name), table)
+                yield _report([{"kind": "file", "split": split, "grp": group, "file": name, "n": table.num_rows}])
             pending.clear()
-            return _report([{"kind": "file", "split": split, "grp": group, "file": name, "n": table.num_rows}])
 
         for pdf in batches:
             labels = pdf["label"].fillna(-1).astype(np.int64)
@@ -292,18 +296,18 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
                     rejects = (fh, pq.ParquetWriter(fh, REJECTS_SCHEMA, compression="snappy"), fs, path)
                 rejects[1].write_table(pa.Table.from_pandas(pdf.loc[bad, REJECTS_SCHEMA.names], schema=REJECTS_SCHEMA, preserve_index=False))
                 pdf = pdf.loc[~bad]
-            # Clean rows: cut the batch where (split, group) changes.
-            key = pdf["split"] + ":" + pdf["_group"].astype(str)
-            cuts = np.flatnonzero(key.to_numpy()[1:] != key.to_numpy()[:-1]) + 1
+            # Clean rows: cut the batch where the group changes; a new group flushes the last.
+            group = pdf["_group"].to_numpy()
+            cuts = np.flatnonzero(group[1:] != group[:-1]) + 1
             for part in np.split(np.arange(len(pdf)), cuts):
                 if not len(part):
                     continue
                 piece = pdf.iloc[part]
-                if pending and (piece["split"].iat[0], piece["_group"].iat[0]) != (pending[0]["split"].iat[0], pending[0]["_group"].iat[0]):
-                    yield flush()
-                pending.append(piece)
-        if pending:
-            yield flush()
+                if pending and next(iter(pending.values()))[0]["_group"].iat[0] != group[part[0]]:
+                    yield from flush()
+                for split, rows in piece.groupby("split", sort=False):
+                    pending.setdefault(split, []).append(rows)
+        yield from flush()
         if rejects is not None:
             fh, writer, fs, path = rejects
             writer.close()
@@ -332,8 +336,9 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
     resolve_duplicates) lies within one partition; partitions are coalesced into one Python
     task per core (each Python task costs ~0.1 s of fixed overhead here), which writes its
     files (see _dataset_writer) under ``<out>/_staging``; the driver checks them against the
-    counts and moves each output into place. Rows inside a group are ordered by content hash:
-    seeded-random and reproducible, so re-runs give byte-identical shards, on any cluster.
+    counts and moves each output into place. Rows inside a group are ordered by a seeded hash
+    of their content: random and reproducible, so re-runs give byte-identical shards, on any
+    cluster.
     """
     from pyspark.sql import functions as F
 
@@ -344,14 +349,12 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
     ok = F.col("status") == "ok"
     rows = (
         resolved.select(
-            "status", "reason", "split", "_group", "h", "label", "origin", "source_file", "row_number",
+            "status", "reason", "split", "_group", "label", "origin", "source_file", "row_number",
             F.when(ok, F.lower(F.hex("h"))).alias("row_id"),
             F.when(ok, F.col("text") if spec["kind"] == "text" else F.col("content")).alias("value"),
             F.when(~ok, F.substring("raw", 1, RAW_LIMIT)).alias("raw"),
         )
-        .coalesce(tasks)
-        # Rejects (null split) first, in file order; then clean rows by split, group, hash.
-        .sortWithinPartitions("split", F.when(ok, F.col("_group")), F.when(ok, F.col("h")), "source_file", "row_number", "raw")
+        .coalesce(tasks)  # keeps each partition's order, so each group's rows stay together
     )
     written = rows.mapInPandas(_dataset_writer(spec, staging, dataset.arrow_schema(schema)), _WRITER_OUTPUT).collect()
     summary = summarize([r.asDict() for r in written if r["kind"] == "count"], num_classes)
