@@ -70,10 +70,13 @@ def clean_text(text: str) -> str:
     ascii_text = t.isascii()
     if not ascii_text:  # ASCII is already NFKC-normal; normalizing costs ~1/3 of the time
         t = unicodedata.normalize("NFKC", t)
-    # After _CONTROL the only ASCII horizontal spaces left are ' ' and '\t': without a tab or a
-    # double space the substitution is a no-op, and skipping it halves the cost of cleaning.
-    if not ascii_text or "\t" in t or "  " in t:
+    # After _CONTROL the only ASCII horizontal spaces left are ' ' and '\t'. Without a tab,
+    # collapsing runs of ' ' by str.replace is ~4x faster than the regex (often a no-op).
+    if not ascii_text or "\t" in t:
         t = _HSPACE.sub(" ", t)
+    else:
+        while "  " in t:
+            t = t.replace("  ", " ")
     if "\n" in t:
         t = _NEWLINES.sub("\n", t)
     return t.strip()

@@ -28,6 +28,9 @@ SPEC = text_spec(FeaturesConfig(char_length=8, max_tokens=6, hash_buckets=1000),
         ("&amp;lt;p&amp;gt;double escaped", "double escaped"),
         ("ﬁne ＡＢＣ", "fine ABC"),  # NFKC folds ligatures and full-width forms
         ("  many    spaces\t\there  ", "many spaces here"),
+        ("no tab,   five     spaces", "no tab, five spaces"),  # ASCII, no tab: str.replace path
+        ("x  \\n   y", "x\ny"),
+        ("ｗide　 space", "wide space"),  # NFKC'd ideographic space, then collapsed
         ("nul\x00byte", "nul byte"),
         ("<br>   ", ""),
     ],
