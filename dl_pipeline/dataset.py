@@ -82,6 +82,15 @@ def arrow_schema(schema):
     return pa.schema([pa.field(f.name, types[f.dataType]) for f in schema.as_spark_schema().fields])
 
 
+def temp_name(path: str) -> str:
+    """An attempt-unique temporary name next to ``path``, hidden ('.' prefix) so that Spark,
+    pyarrow and Petastorm skip it if a failed task attempt leaves it behind."""
+    import uuid
+
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}.{uuid.uuid4().hex}.tmp"
+
+
 def write_row_group(url: str, table) -> None:
     """Write ``table`` as one Parquet file holding one row group; readers never see half a file.
 
@@ -90,14 +99,12 @@ def write_row_group(url: str, table) -> None:
     Dictionary encoding is off (feature blobs are all distinct: it only costs time) and
     statistics are kept for the small columns only (min/max of 1 KB blobs are useless).
     """
-    import uuid
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = fsutil.fs_and_path(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    tmp = temp_name(path)
     with fs.open(tmp, "wb") as fh:
         pq.write_table(table, fh, row_group_size=max(1, table.num_rows), compression="snappy", use_dictionary=False,
                        write_statistics=[f.name for f in table.schema if not pa.types.is_binary(f.type)])

@@ -149,7 +149,7 @@ def resolve_duplicates(num_row_groups: int, num_partitions: int, seed: int):
         conflict = F.min("label").over(whole) != F.max("label").over(whole)
         first = F.row_number().over(ordered) == 1
         reason = F.when(ok & conflict, F.lit("conflicting_labels")).when(ok & ~first, F.lit("duplicate")).otherwise(F.col("reason"))
-        # Clean rows no longer need their raw record: keep the cache small.
+        # Clean rows no longer need their raw record (only rejects keep it).
         return (
             df.withColumn("reason", reason)
             .withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw")))
@@ -269,7 +269,7 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
         task = TaskContext.get().partitionId()
         pending: dict[str, list[pd.DataFrame]] = {}  # the current group's clean rows, by split
         counts: dict[tuple, int] = {}
-        rejects = None  # (file object, ParquetWriter, filesystem, path), opened at the first reject
+        rejects = None  # (file object, ParquetWriter, filesystem, temp path, path), opened at the first reject
 
         def flush():
             for split, pieces in sorted(pending.items()):
@@ -292,8 +292,9 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
                 if rejects is None:
                     fs, path = fsutil.fs_and_path(fsutil.join(staging, "rejects", f"part-{task:05d}.parquet"))
                     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-                    fh = fs.open(f"{path}.tmp", "wb")
-                    rejects = (fh, pq.ParquetWriter(fh, REJECTS_SCHEMA, compression="snappy"), fs, path)
+                    tmp = dataset.temp_name(path)
+                    fh = fs.open(tmp, "wb")
+                    rejects = (fh, pq.ParquetWriter(fh, REJECTS_SCHEMA, compression="snappy"), fs, tmp, path)
                 rejects[1].write_table(pa.Table.from_pandas(pdf.loc[bad, REJECTS_SCHEMA.names], schema=REJECTS_SCHEMA, preserve_index=False))
                 pdf = pdf.loc[~bad]
             # Clean rows: cut the batch where the group changes; a new group flushes the last.
@@ -309,10 +310,10 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
                     pending.setdefault(split, []).append(rows)
         yield from flush()
         if rejects is not None:
-            fh, writer, fs, path = rejects
+            fh, writer, fs, tmp, path = rejects
             writer.close()
             fh.close()
-            fs.mv(f"{path}.tmp", path)
+            fs.mv(tmp, path)
         yield _report([{"kind": "count", "status": s, "reason": r, "split": p, "label": None if lab < 0 else int(lab), "n": n}
                        for (s, r, p, lab), n in counts.items()])
 
