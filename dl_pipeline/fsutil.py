@@ -40,6 +40,16 @@ def fs_and_path(url: str):
     return fs, path
 
 
+def filesystem_error(url: str) -> str | None:
+    """Why Python cannot reach ``url``'s filesystem (e.g. s3fs not installed, unknown scheme),
+    in one line, or None when it can."""
+    try:
+        fs_and_path(url)
+    except (ImportError, ValueError, OSError) as exc:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
+
+
 def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
 

@@ -441,6 +441,10 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
     if not cfg.prepare.output_path:
         raise UserError("prepare.output_path is not set: pass --set prepare.output_path=DIR")
     out = fsutil.to_url(cfg.prepare.output_path)
+    problem = fsutil.filesystem_error(out)
+    if problem:  # executors write the shards from Python: fail before any work, not in a task
+        raise UserError(f"prepare.output_path={cfg.prepare.output_path}: Python cannot write there ({problem}); "
+                        "install the filesystem's fsspec package (s3fs, gcsfs) on the driver and executors")
     data, spec = cfg.data, (features.text_spec(cfg.features, cfg.data) if cfg.data.kind == "text" else features.image_spec(cfg.data))
     timings: dict[str, float] = {}
     t0 = time.time()

@@ -223,6 +223,8 @@ def test_user_errors_are_one_line(spark, tmp_path):
         prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", f"prepare.output_path={tmp_path}/x"]))
     with pytest.raises(UserError, match="prepare.output_path is not set"):
         prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", "data.num_classes=4"]))
+    with pytest.raises(UserError, match=r"prepare.output_path=nosuchfs://b/x: Python cannot write there \(Protocol not known"):
+        prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", "data.num_classes=4", "prepare.output_path=nosuchfs://b/x"]))
 
 
 @pytest.mark.parametrize("fmt", ["json", "parquet", "csv"])
