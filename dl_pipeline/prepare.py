@@ -235,6 +235,7 @@ def choose_layout(n_rows: int, spec: dict[str, Any], shard: ShardConfig, shuffle
     return math.ceil(groups / shuffle_partitions) * shuffle_partitions, shuffle_partitions
 
 
+INJECT_FAILURE_CONF = "spark.dl_pipeline.test.inject_prepare_failure"
 REJECTS_SCHEMA = pa.schema([("origin", pa.string()), ("source_file", pa.string()), ("row_number", pa.int64()),
                             ("raw", pa.string()), ("reason", pa.string())])
 _WRITER_OUTPUT = "kind string, split string, grp int, file string, status string, reason string, label int, n long"
@@ -246,7 +247,7 @@ def _report(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame([[r.get(n) for n in names] for r in rows], columns=names).astype({"grp": "Int32", "label": "Int32"})
 
 
-def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
+def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_failure: bool = False):
     """The function ``mapInPandas`` runs on executors, once per task, over every row.
 
     Rows come with each row group's rows together (see resolve_duplicates), in a seeded order
@@ -266,7 +267,10 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
         import pyarrow.parquet as pq
         from pyspark import TaskContext
 
-        task = TaskContext.get().partitionId()
+        context = TaskContext.get()
+        task = context.partitionId()
+        # Test hook: every task's first attempt dies after it has written a file.
+        fail_after_first_file = inject_failure and context.attemptNumber() == 0
         pending: dict[str, list[pd.DataFrame]] = {}  # the current group's clean rows, by split
         counts: dict[tuple, int] = {}
         rejects = None  # (file object, ParquetWriter, filesystem, temp path, path), opened at the first reject
@@ -306,6 +310,8 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
                 piece = pdf.iloc[part]
                 if pending and next(iter(pending.values()))[0]["_group"].iat[0] != group[part[0]]:
                     yield from flush()
+                    if fail_after_first_file:
+                        raise RuntimeError("injected prepare failure")
                 for split, rows in piece.groupby("split", sort=False):
                     pending.setdefault(split, []).append(rows)
         yield from flush()
@@ -321,9 +327,14 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema):
 
 
 def _move(spark, src: str, dst: str) -> None:
-    """Replace ``dst`` by ``src`` (a Hadoop rename: atomic per directory on HDFS and local)."""
+    """Replace ``dst`` by the directory ``src`` (a Hadoop rename: atomic on HDFS and local),
+    dropping the temporary files that failed task attempts left in it."""
     hadoop_delete(spark, dst)
     fs, path = hadoop_path(spark, src)
+    for status in fs.listStatus(path):
+        name = status.getPath().getName()
+        if name.startswith(".") and name.endswith(".tmp"):
+            fs.delete(status.getPath(), False)
     if not fs.rename(path, hadoop_path(spark, dst)[1]):
         raise PipelineError(f"could not move {src} to {dst}")
 
@@ -357,7 +368,8 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
         )
         .coalesce(tasks)  # keeps each partition's order, so each group's rows stay together
     )
-    written = rows.mapInPandas(_dataset_writer(spec, staging, dataset.arrow_schema(schema)), _WRITER_OUTPUT).collect()
+    writer = _dataset_writer(spec, staging, dataset.arrow_schema(schema), spark.conf.get(INJECT_FAILURE_CONF, "false") == "true")
+    written = rows.mapInPandas(writer, _WRITER_OUTPUT).collect()
     summary = summarize([r.asDict() for r in written if r["kind"] == "count"], num_classes)
     check_accounting(summary["counts"])
     keys = [(w["split"], w["grp"]) for w in written if w["kind"] == "file"]

@@ -1,6 +1,8 @@
 import csv
 import glob
 import gzip
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -162,6 +164,68 @@ def test_split_is_stable_when_rows_are_added(spark, tmp_path):
     # no bad rows: the rejects table is still there, empty, with its columns
     rejects = pq.read_table(tmp_path / "b" / "rejects")
     assert rejects.num_rows == 0 and rejects.column_names == ["origin", "source_file", "row_number", "raw", "reason"]
+
+
+def _all_digests(root):
+    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(root) if "_staging" not in d for f in files}
+
+
+def test_failed_run_leaves_the_previous_output_whole(spark, tmp_path):
+    from dl_pipeline.prepare import INJECT_FAILURE_CONF
+
+    rows = [f'"{1 + i % 4}","title {i}","body number {i} with words"' for i in range(400)] + ['"9","bad","label"']
+    path = tmp_path / "in.csv"
+    path.write_text("\n".join(rows) + "\n")
+    cfg = _config(tmp_path, f"data.train_path={path}", "shard.max_workers=4")
+    prepare_dataset(spark, cfg)
+    before = _all_digests(tmp_path / "out")
+    assert "manifest.json" in before and any(p.startswith("rejects/") for p in before)
+    spark.conf.set(INJECT_FAILURE_CONF, "true")  # every task dies after writing one row group
+    try:
+        with pytest.raises(Exception, match="injected prepare failure"):
+            prepare_dataset(spark, cfg)
+    finally:
+        spark.conf.unset(INJECT_FAILURE_CONF)
+    assert _all_digests(tmp_path / "out") == before  # manifest, shards and rejects untouched
+    prepare_dataset(spark, cfg)  # the next run clears the failed run's staging; same files
+    after = _all_digests(tmp_path / "out")
+    assert after.pop("manifest.json") and before.pop("manifest.json")  # its timestamps differ
+    assert after == before and not (tmp_path / "out" / "_staging").exists()
+
+
+_RETRY_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from conftest import demo_config
+from dl_pipeline.config import SparkConfig
+from dl_pipeline.prepare import INJECT_FAILURE_CONF, prepare_dataset
+from dl_pipeline.spark import get_spark
+# local[2,2]: two task slots, a failed task is retried once (as on a cluster)
+spark = get_spark(SparkConfig(master="local[2,2]", conf={"spark.sql.shuffle.partitions": "4", INJECT_FAILURE_CONF: "true"}))
+prepare_dataset(spark, demo_config(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_retried_tasks_give_the_same_shards(ag_prepared, tmp_path):
+    """Every task's first attempt dies after writing a row group; the retries' output is
+    byte-identical to a clean run's, with no temporary files left behind."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "retry.py"
+    script.write_text(_RETRY_RUN)
+    proc = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__)), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "injected prepare failure" in proc.stderr  # the first attempts really failed
+    cfg, manifest = ag_prepared
+    assert shard_digests(str(tmp_path / "prepared")) == shard_digests(cfg.prepare.output_path)
+    again = json.load(open(tmp_path / "prepared" / "manifest.json"))
+    assert again["counts"] == manifest["counts"] and again["rejects_by_reason"] == manifest["rejects_by_reason"]
+    leftovers = [f for _, _, files in os.walk(tmp_path / "prepared") for f in files if f.endswith(".tmp")]
+    assert not leftovers and not (tmp_path / "prepared" / "_staging").exists()
 
 
 def test_idx_decoding_is_exact(spark, tmp_path):
