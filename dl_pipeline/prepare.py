@@ -376,14 +376,16 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
     if len(keys) != len(set(keys)):  # a group split across tasks: never silently
         raise PipelineError(f"{staging}: a row group was written by more than one task: {sorted(keys)}")
 
+    if summary["counts"]["splits"]["train"] == 0:  # the previous output stays whole
+        for split in dataset.SPLITS:
+            hadoop_delete(spark, fsutil.join(staging, split))
+        raise UserError(f"{train_path}: no usable training rows ({json.dumps(summary['rejects_by_reason'])}); "
+                        f"this run's rejects are in {staging}/rejects")
     if fsutil.exists(fsutil.join(staging, "rejects")):
         _move(spark, fsutil.join(staging, "rejects"), fsutil.join(out, "rejects"))
     else:  # no rejects: still a (empty) table, so readers need no special case
         hadoop_delete(spark, fsutil.join(out, "rejects"))
         dataset.write_row_group(fsutil.join(out, "rejects", "part-00000.parquet"), REJECTS_SCHEMA.empty_table())
-    if summary["counts"]["splits"]["train"] == 0:
-        hadoop_delete(spark, staging)
-        raise UserError(f"{train_path}: no usable training rows ({json.dumps(summary['rejects_by_reason'])}); see {out}/rejects")
 
     splits = {}
     for split in dataset.SPLITS:

@@ -287,6 +287,14 @@ def test_user_errors_are_one_line(spark, tmp_path):
         prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", f"prepare.output_path={tmp_path}/x"]))
     with pytest.raises(UserError, match="prepare.output_path is not set"):
         prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", "data.num_classes=4"]))
+    # every row rejected: a one-line error naming the reasons and where this run's rejects are
+    bad = tmp_path / "all_bad.csv"
+    bad.write_text('"7","a","b"\n"x","c","d"\n')
+    with pytest.raises(UserError, match=r"no usable training rows \(\{\"label_not_integer\": 1, \"label_out_of_range\": 1\}\); "
+                                        r"this run's rejects are in file://.*/out/_staging/rejects$"):
+        prepare_dataset(spark, _config(tmp_path, f"data.train_path={bad}"))
+    assert pq.read_table(tmp_path / "out" / "_staging" / "rejects").num_rows == 2
+    assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "rejects").exists()
     with pytest.raises(UserError, match=r"prepare.output_path=nosuchfs://b/x: Python cannot write there \(Protocol not known"):
         prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", "data.num_classes=4", "prepare.output_path=nosuchfs://b/x"]))
 
