@@ -134,25 +134,23 @@ def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_
             if inject_failure and n_batch == 1:  # test hook: die mid-task, after output began
                 raise RuntimeError("injected scoring failure")
             if "parts" in pdf:  # fields split by Spark (named columns, multi-line CSV)
-                all_parts, reasons, cleaned = pdf["parts"], list(pdf["reason"]), None
-            else:  # raw CSV lines
+                reasons, texts = list(pdf["reason"]), []
+                for i, parts in enumerate(pdf["parts"]):
+                    text = ""
+                    if reasons[i] is None:
+                        if parts is None or all(p is None for p in parts):
+                            reasons[i] = "null_text"
+                        elif sum(len(p) for p in parts if p) > max_chars:
+                            reasons[i] = "text_too_long"
+                        else:
+                            text = features.clean_record(list(parts), separator)
+                    texts.append(text)
+            else:  # raw CSV lines: parsed, length-checked and cleaned in one pass
                 # Scoring keeps rows with undecodable bytes (as U+FFFD), as the Spark CSV path does.
                 parsed = parse_and_clean_lines(pdf["raw"], num_fields, separator, max_chars, reject_invalid_utf8=False)
-                all_parts, reasons, cleaned = [p[1] for p in parsed], [p[2] for p in parsed], [p[3] for p in parsed]
+                reasons, texts = [p[2] or p[4] for p in parsed], [p[3] or "" for p in parsed]
                 pdf = pdf.assign(label_raw=[p[0] for p in parsed])
-            texts = []
-            for i, parts in enumerate(all_parts):
-                text = ""
-                if reasons[i] is None:
-                    if parts is None or all(p is None for p in parts):
-                        reasons[i] = "null_text"
-                    elif sum(len(p) for p in parts if p) > max_chars:
-                        reasons[i] = "text_too_long"
-                    else:
-                        text = cleaned[i] if cleaned is not None else features.clean_record(list(parts), separator)
-                        if not text:
-                            reasons[i] = "empty_text"
-                texts.append(text)
+            reasons = [r if r is not None or t else "empty_text" for r, t in zip(reasons, texts, strict=True)]
             ok = np.array([r is None for r in reasons], dtype=bool)
             out = pdf[ids].copy()
             out["prediction"] = pd.array([None] * len(pdf), dtype="Int32")
