@@ -10,10 +10,11 @@ Layout of ``prepare.output_path``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -91,24 +92,35 @@ def temp_name(path: str) -> str:
     return f"{head}/.{name}.{uuid.uuid4().hex}.tmp"
 
 
-def write_row_group(url: str, table) -> None:
-    """Write ``table`` as one Parquet file holding one row group; readers never see half a file.
+@contextlib.contextmanager
+def parquet_file(url: str, schema, **options) -> Iterator[Any]:
+    """A pyarrow ParquetWriter for ``url`` (any fsspec filesystem); readers never see half a file.
 
-    Runs on executors. Written under an attempt-unique name then renamed, so a retried or
-    speculative task writing the same group (same rows, same bytes) cannot interleave.
-    Dictionary encoding is off (feature blobs are all distinct: it only costs time) and
-    statistics are kept for the small columns only (min/max of 1 KB blobs are useless).
+    Runs on executors. Written under an attempt-unique hidden name and renamed on success, so
+    a retried or speculative task writing the same file (same rows, same bytes) cannot
+    interleave, and a failed attempt leaves nothing a reader would load.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, path = fsutil.fs_and_path(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = temp_name(path)
-    with fs.open(tmp, "wb") as fh:
-        pq.write_table(table, fh, row_group_size=max(1, table.num_rows), compression="snappy", use_dictionary=False,
-                       write_statistics=[f.name for f in table.schema if not pa.types.is_binary(f.type)])
+    with fs.open(tmp, "wb") as fh, pq.ParquetWriter(fh, schema, **options) as writer:
+        yield writer
     fs.mv(tmp, path)
+
+
+def write_row_group(url: str, table) -> None:
+    """Write ``table`` as one Parquet file holding one row group (see parquet_file).
+
+    Dictionary encoding is off (feature blobs are all distinct: it only costs time) and
+    statistics are kept for the small columns only (min/max of 1 KB blobs are useless).
+    """
+    import pyarrow as pa
+
+    stats = [f.name for f in table.schema if not pa.types.is_binary(f.type)]
+    with parquet_file(url, table.schema, compression="snappy", use_dictionary=False, write_statistics=stats) as writer:
+        writer.write_table(table, row_group_size=max(1, table.num_rows))
 
 
 def finalize_petastorm(url: str, schema) -> list[dict[str, Any]]:

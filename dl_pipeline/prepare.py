@@ -12,6 +12,7 @@ duplicates, also kept in ``rejects/`` with reason ``duplicate``) counted as a du
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -264,16 +265,17 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_fai
     """
 
     def write(batches):
-        import pyarrow.parquet as pq
         from pyspark import TaskContext
 
-        context = TaskContext.get()
-        task = context.partitionId()
+        with contextlib.ExitStack() as open_files:  # on an exception the rejects file is not published
+            yield from _write(batches, TaskContext.get(), open_files)
+
+    def _write(batches, context, open_files):
         # Test hook: every task's first attempt dies after it has written a file.
         fail_after_first_file = inject_failure and context.attemptNumber() == 0
         pending: dict[str, list[pd.DataFrame]] = {}  # the current group's clean rows, by split
         counts: dict[tuple, int] = {}
-        rejects = None  # (file object, ParquetWriter, filesystem, temp path, path), opened at the first reject
+        rejects = None  # this task's rejects file, opened at the first reject
 
         def flush():
             for split, pieces in sorted(pending.items()):
@@ -294,12 +296,9 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_fai
             bad = (pdf["status"] != "ok").to_numpy()
             if bad.any():
                 if rejects is None:
-                    fs, path = fsutil.fs_and_path(fsutil.join(staging, "rejects", f"part-{task:05d}.parquet"))
-                    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-                    tmp = dataset.temp_name(path)
-                    fh = fs.open(tmp, "wb")
-                    rejects = (fh, pq.ParquetWriter(fh, REJECTS_SCHEMA, compression="snappy"), fs, tmp, path)
-                rejects[1].write_table(pa.Table.from_pandas(pdf.loc[bad, REJECTS_SCHEMA.names], schema=REJECTS_SCHEMA, preserve_index=False))
+                    url = fsutil.join(staging, "rejects", f"part-{context.partitionId():05d}.parquet")
+                    rejects = open_files.enter_context(dataset.parquet_file(url, REJECTS_SCHEMA, compression="snappy"))
+                rejects.write_table(pa.Table.from_pandas(pdf.loc[bad, REJECTS_SCHEMA.names], schema=REJECTS_SCHEMA, preserve_index=False))
                 pdf = pdf.loc[~bad]
             # Clean rows: cut the batch where the group changes; a new group flushes the last.
             group = pdf["_group"].to_numpy()
@@ -315,11 +314,7 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_fai
                 for split, rows in piece.groupby("split", sort=False):
                     pending.setdefault(split, []).append(rows)
         yield from flush()
-        if rejects is not None:
-            fh, writer, fs, tmp, path = rejects
-            writer.close()
-            fh.close()
-            fs.mv(tmp, path)
+        open_files.close()  # publishes the rejects file
         yield _report([{"kind": "count", "status": s, "reason": r, "split": p, "label": None if lab < 0 else int(lab), "n": n}
                        for (s, r, p, lab), n in counts.items()])
 
