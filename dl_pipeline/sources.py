@@ -162,7 +162,12 @@ def read_lines(spark, url: str):
     # JVM turns bad bytes into U+FFFD, which clean_content rejects or keeps per data.invalid_utf8.
     lines = lines.withColumn("value", F.decode(F.col("value").cast("binary"), "UTF-8"))
     # Blank lines are not records (Spark's CSV reader skips them too); numbers stay physical lines.
-    return lines.filter(F.length(F.trim("value")) > 0).select("source_file", "row_number", F.col("value").alias("raw"))
+    # Only a line that starts with a space can be blank but not empty: trim (which copies the
+    # line) and length (which counts every character) stay off the path of the other lines,
+    # where they were 1/6 of the JVM's time.
+    value = F.col("value")
+    blank = (value == "") | (value.startswith(" ") & (F.trim(value) == ""))
+    return lines.filter(~blank).select("source_file", "row_number", value.alias("raw"))
 
 
 def read_text(spark, path: str, origin: str, data: DataConfig):

@@ -25,6 +25,10 @@ _LOCAL_DEFAULTS = {
     "spark.sql.sources.partitionOverwriteMode": "dynamic",
     "spark.driver.memory": "2g",
 }
+if sys.version_info < (3, 12):
+    # ~80 ms of CPU saved per Python task (CPython gh-103200): see dl_pipeline/pyworker.py.
+    # Local sessions only: their executors run this interpreter, which has dl_pipeline.
+    _LOCAL_DEFAULTS["spark.python.daemon.module"] = "dl_pipeline.pyworker"
 
 
 def active_session():

@@ -36,6 +36,8 @@ BAD_LINES = [
     (b'"1","bro"ken","x"', "malformed_quoting"),
     (b'"2","t","unterminated', "malformed_quoting"),
     (b"", None),  # a blank line is not a record
+    (b"   ", None),  # nor is one of spaces
+    (b' "1","lead","space before the quote"', "label_not_integer"),  # starts like a blank line
     (b'"4","Good three","third fine row about science"', "ok"),
     (b'"3","Good four","business news row"', "ok"),
 ]
@@ -65,10 +67,10 @@ def test_every_bad_row_is_accounted_for_by_reason(bad_run):
         if o not in ("ok", "duplicate"):
             expected_reasons[o] = expected_reasons.get(o, 0) + 1
     c = manifest["counts"]
-    assert c["input_rows"] == len(outcomes) == 20
+    assert c["input_rows"] == len(outcomes) == 21
     assert c["clean_rows"] == outcomes.count("ok") == 6
     assert c["duplicate_rows"] == 1
-    assert c["rejected_rows"] == 13
+    assert c["rejected_rows"] == 14
     assert manifest["rejects_by_reason"] == expected_reasons
     assert c["input_rows"] == c["clean_rows"] + c["rejected_rows"] + c["duplicate_rows"]
     assert c["splits"] == {"train": 6, "val": 0, "test": 0}
