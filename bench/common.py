@@ -62,3 +62,44 @@ def peak_rss_mb() -> float:
 
 def emit(doc: dict) -> None:
     print(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _stat_seconds(path: str, children: bool = False) -> float:
+    """utime + stime (+ reaped children's) of /proc/<pid>[/task/<tid>]/stat, in seconds."""
+    with open(path) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def spark_cpu_seconds() -> dict:
+    """CPU seconds used so far by this machine's local Spark: the JVM (all threads, its JIT
+    compiler threads apart) and the Python worker daemon with its workers. Linux only ({}
+    elsewhere); take the difference of two calls around a run.
+
+    It says where a local[N] run's cores go: the same Python work as the single-process
+    baseline, plus what Spark adds (JVM, Arrow transfer, JIT warm-up).
+    """
+    import glob
+
+    out = {"jvm": 0.0, "jvm_jit_compiler": 0.0, "python_workers": 0.0}
+    if not os.path.isdir("/proc/self/task"):
+        return {}
+    for proc in glob.glob("/proc/[0-9]*"):
+        try:
+            cmd = open(proc + "/cmdline", "rb").read()
+            if b"org.apache.spark.deploy.SparkSubmit" in cmd:
+                out["jvm"] += _stat_seconds(proc + "/stat")
+                for task in glob.glob(proc + "/task/*"):
+                    if "CompilerThre" in open(task + "/comm").read():  # "C2 CompilerThread0", cut to 15
+                        out["jvm_jit_compiler"] += _stat_seconds(task + "/stat")
+            elif b"pyspark.daemon" in cmd or b"dl_pipeline.pyworker" in cmd:
+                # The daemon's reaped children count too: a worker that exited is still included.
+                out["python_workers"] += _stat_seconds(proc + "/stat", children=True)
+        except (OSError, ValueError, IndexError):
+            continue  # the process or thread ended while we looked
+    return out
+
+
+def cpu_delta(before: dict, after: dict) -> dict:
+    return {k: round(after[k] - before.get(k, 0.0), 2) for k in after}

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import emit, machine, peak_rss_mb, resampled_ag_news
+from common import cpu_delta, emit, machine, peak_rss_mb, resampled_ag_news, spark_cpu_seconds
 
 from dl_pipeline.config import SparkConfig, load_config
 from dl_pipeline.features import clean_record, featurize_texts, ndarray_codec_array, text_spec
@@ -27,10 +27,11 @@ from dl_pipeline.sources import parse_zhang_line
 from dl_pipeline.spark import get_spark
 
 
-def single_process(path: str, out: str, cfg) -> float:
-    """The same parse -> reject -> clean -> dedupe -> featurize -> Parquet, in one process."""
+def single_process(path: str, out: str, cfg) -> tuple[float, float]:
+    """The same parse -> reject -> clean -> dedupe -> featurize -> Parquet, in one process:
+    (wall seconds, CPU seconds)."""
     spec = text_spec(cfg.features, cfg.data)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     texts, labels, seen = [], [], set()
     with open(path, encoding="utf-8") as fh:
         for line in fh:
@@ -56,7 +57,7 @@ def single_process(path: str, out: str, cfg) -> float:
         writer = writer or pq.ParquetWriter(out, table.schema)
         writer.write_table(table)
     writer.close()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -87,23 +88,28 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         cfg = load_config(None, [f"data.train_path={path}", "data.num_classes=4", f"prepare.output_path={out}",
                                  "shard.max_workers=8"])
-        runs = []
+        runs, cpu = [], []
         for _ in range(max(1, args.repeats)):
-            t0 = time.perf_counter()
+            c0, t0 = spark_cpu_seconds(), time.perf_counter()
             manifest = prepare_dataset(spark, cfg)
             runs.append(time.perf_counter() - t0)
+            cpu.append(cpu_delta(c0, spark_cpu_seconds()))
         wall = runs[0]
         results[n] = {"wall_s": round(wall, 2), "rows_per_s": round(n / wall), "us_per_row": round(wall / n * 1e6, 2),
                       "clean_rows": manifest["counts"]["clean_rows"], "duplicate_rows": manifest["counts"]["duplicate_rows"],
-                      "stage_timings_s": manifest["timings"], "driver_peak_rss_mb_after": peak_rss_mb()}
+                      "stage_timings_s": manifest["timings"], "driver_peak_rss_mb_after": peak_rss_mb(),
+                      # Where the 2 cores went (Linux): compare python_workers with the single process's cpu_s.
+                      "cpu_s": cpu[0]}
+        if len(runs) > 1:
+            results[n]["repeat_cpu_s"] = cpu[1:]
         if len(runs) > 1:
             results[n]["repeat_runs_s"] = [round(r, 2) for r in runs[1:]]
     base = sizes[0]
     single = {}
     for n in sizes:
-        secs = single_process(os.path.join(args.workdir, f"ag_{n}.csv"), os.path.join(args.workdir, "single.parquet"),
+        secs, cpu_secs = single_process(os.path.join(args.workdir, f"ag_{n}.csv"), os.path.join(args.workdir, "single.parquet"),
                               load_config(None, ["data.num_classes=4"]))
-        single[n] = {"wall_s": round(secs, 2), "rows_per_s": round(n / secs),
+        single[n] = {"wall_s": round(secs, 2), "cpu_s": round(cpu_secs, 2), "rows_per_s": round(n / secs),
                      "spark_speedup": round(secs / results[n]["wall_s"], 2)}
     doc = {
         "benchmark": "prepare",
