@@ -156,6 +156,8 @@ def test_spark_submit_on_standalone_cluster(standalone_cluster, ag_prepared, tmp
     def run(job, *extra):
         cmd = [submit, "--master", master, "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.ui.enabled=false",
                "--conf", f"spark.pyspark.python={sys.executable}", "--executor-memory", "1g",
+               # As the README says for executors that have dl_pipeline installed (this venv has).
+               "--conf", "spark.python.daemon.module=dl_pipeline.pyworker",
                "--py-files", str(zpath), "--files", str(tmp_path / "demo.yaml"),
                os.path.join(ROOT, "jobs", job), "--config", str(tmp_path / "demo.yaml"), *common, *extra]
         proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
