@@ -211,6 +211,18 @@ def test_worker_daemon_rereads_a_zip_only_when_it_changed(tmp_path):
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="the CPython fix (gh-103200) is in 3.12")
+def test_worker_daemon_is_set_only_where_the_workers_python_can_import_it(tmp_path):
+    from dl_pipeline.spark import _worker_daemon_conf
+
+    assert _worker_daemon_conf(sys.executable) == {"spark.python.daemon.module": "dl_pipeline.pyworker"}
+    bare = tmp_path / "python"  # an interpreter without dl_pipeline: Spark's own daemon stays
+    bare.write_text("#!/bin/sh\nexit 1\n")
+    bare.chmod(0o755)
+    assert _worker_daemon_conf(str(bare)) == {}
+    assert _worker_daemon_conf(str(tmp_path / "missing")) == {}
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="the CPython fix (gh-103200) is in 3.12")
 def test_local_sessions_run_python_tasks_under_the_patched_daemon(spark):
     def probe(_):
         import importlib
