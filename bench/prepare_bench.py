@@ -101,9 +101,8 @@ def main() -> None:
                       # Where the 2 cores went (Linux): compare python_workers with the single process's cpu_s.
                       "cpu_s": cpu[0]}
         if len(runs) > 1:
-            results[n]["repeat_cpu_s"] = cpu[1:]
-        if len(runs) > 1:
             results[n]["repeat_runs_s"] = [round(r, 2) for r in runs[1:]]
+            results[n]["repeat_cpu_s"] = cpu[1:]
     base = sizes[0]
     single = {}
     for n in sizes:

@@ -1,17 +1,17 @@
-"""Spark's Python worker daemon, minus a fixed ~0.1 s per task on Python 3.10/3.11.
+"""Spark's Python worker daemon, minus ~80 ms of CPU per task on Python 3.10/3.11.
 
-PySpark's worker calls ``importlib.invalidate_caches()`` at the start of every task. On Python
-3.10 and 3.11 that re-reads the whole central directory of every zip on ``sys.path``
-(``pyspark.zip`` and py4j's, ~1,500 entries, parsed in pure Python) even when nothing changed:
-CPython gh-103200, fixed in 3.12; Spark stopped calling it needlessly in SPARK-54744 (4.x).
-A profile of prepare on local[2] showed it as the largest single cost of a short task.
+PySpark 3.5's worker calls ``importlib.invalidate_caches()`` at the start of every task. On
+Python 3.10 and 3.11 that re-reads, in pure Python, the central directory of every zip and jar
+on ``sys.path`` even when nothing changed (13 archives in a local session here: pyspark.zip,
+py4j's zip and Spark's jars): CPython gh-103200, fixed in 3.12; Spark stopped calling it
+needlessly in SPARK-54744 (4.x). A profile of prepare on local[2] found it in every task.
 
 Run as ``spark.python.daemon.module=dl_pipeline.pyworker`` (``get_spark`` sets it for the local
-sessions it starts on Python < 3.12). The daemon patches ``zipimporter.invalidate_caches`` to
-re-read an archive only when its size or modification time changed (a new ``--py-files``
-upload still gets picked up), then runs ``pyspark.daemon`` unchanged; forked workers inherit
-the patch. On a cluster, set it only where ``dl_pipeline`` is installed on the executors
-(the daemon starts before any ``--py-files`` are on the path).
+sessions it starts, where the workers' Python can import this module). The daemon patches
+``zipimporter.invalidate_caches`` to re-read an archive only when its size or modification
+time changed (a new ``--py-files`` upload is still picked up), then runs ``pyspark.daemon``
+unchanged; forked workers inherit the patch. On a cluster, set it only where ``dl_pipeline``
+is installed on the executors (the daemon starts before any ``--py-files`` are on the path).
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from __future__ import annotations
 import os
 import sys
 import zipimport
-
-DAEMON_MODULE = "dl_pipeline.pyworker"
 
 
 def _stamp(archive: str) -> tuple[int, int] | None:
