@@ -375,3 +375,20 @@ def test_row_group_layout_partitions_divide_groups():
     assert choose_layout(5, spec, shard, 8) == (5, 5)  # no empty groups asked for
     groups, parts = choose_layout(3_600_000, spec, shard, 8)  # size-bound: ~128 groups of <= 64 MB
     assert groups % parts == 0 and groups >= 3_600_000 * 2328 / (64 << 20) and parts == 8
+
+
+def test_writer_counts_every_key_with_nulls_apart_from_values():
+    import pyarrow as pa
+
+    from dl_pipeline.prepare import _count_keys
+
+    batch = pa.RecordBatch.from_pydict({
+        "status": ["ok", "ok", "ok", "duplicate", "rejected", "rejected"],
+        "reason": [None, None, None, "duplicate", "empty_text", "empty_text"],
+        "split": ["train", "train", "val", None, None, None],
+        "label": pa.array([0, 0, 3, 1, None, None], pa.int32()),
+    })
+    assert _count_keys(batch) == {
+        ("ok", None, "train", 0): 2, ("ok", None, "val", 3): 1,
+        ("duplicate", "duplicate", None, 1): 1, ("rejected", "empty_text", None, None): 2,
+    }
