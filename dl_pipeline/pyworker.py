@@ -31,8 +31,8 @@ def _stamp(archive: str) -> tuple[int, int] | None:
 
 def patch_zipimport() -> None:
     """Make ``zipimporter.invalidate_caches`` a no-op for archives unchanged since last read."""
-    original = zipimport.zipimporter.invalidate_caches
-    if getattr(original, "_dl_pipeline", False):
+    original = getattr(zipimport.zipimporter, "invalidate_caches", None)
+    if original is None or getattr(original, "_dl_pipeline", False):  # < 3.10 has none to patch
         return
     seen: dict[str, tuple[int, int] | None] = {}
 
