@@ -245,7 +245,8 @@ REJECTS_SCHEMA = pa.schema([("origin", pa.string()), ("source_file", pa.string()
                             ("raw", pa.string()), ("reason", pa.string())])
 _WRITER_OUTPUT = pa.schema([("kind", pa.string()), ("split", pa.string()), ("grp", pa.int32()), ("file", pa.string()),
                             ("status", pa.string()), ("reason", pa.string()), ("label", pa.int32()), ("n", pa.int64())])
-_WRITER_DDL = ", ".join(f"{f.name} {'int' if f.type == pa.int32() else 'long' if f.type == pa.int64() else 'string'}" for f in _WRITER_OUTPUT)
+_SPARK_TYPES = {pa.string(): "string", pa.int32(): "int", pa.int64(): "long"}
+_WRITER_DDL = ", ".join(f"{f.name} {_SPARK_TYPES[f.type]}" for f in _WRITER_OUTPUT)
 
 
 def _report(rows: list[dict[str, Any]]) -> pa.RecordBatch:
@@ -253,6 +254,7 @@ def _report(rows: list[dict[str, Any]]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist(rows, schema=_WRITER_OUTPUT)
 
 
+# The keys are statuses, reason codes, split names and label numbers: never NUL or US.
 _NULL, _SEP = "\x00", "\x1f"
 
 
