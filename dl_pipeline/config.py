@@ -121,7 +121,9 @@ class ShardConfig:
         _require(self.val_fraction + self.test_fraction < 1.0, "shard.val_fraction + shard.test_fraction must be < 1")
         _require(self.max_workers >= 1, "shard.max_workers must be >= 1")
         _require(self.row_groups_per_worker >= 1, "shard.row_groups_per_worker must be >= 1")
-        _require(self.row_group_mb >= 1, "shard.row_group_mb must be >= 1")
+        # A row group is built as one Arrow array per column (int32 offsets: < 2 GiB) and read
+        # whole by each training reader, so it stays well under that.
+        _require(1 <= self.row_group_mb <= 1024, "shard.row_group_mb must be in 1..1024")
 
 
 @dataclass(frozen=True)

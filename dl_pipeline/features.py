@@ -422,7 +422,9 @@ def ndarray_codec_array(batch: np.ndarray):
     header = np.frombuffer(buf.getvalue()[: len(buf.getvalue()) - first.nbytes], dtype=np.uint8)
     width = header.size + first.nbytes
     if n * width >= 1 << 31:  # Arrow binary offsets are int32
-        raise ValueError(f"{n} rows of {width} bytes exceed one Arrow array: lower spark.sql.execution.arrow.maxRecordsPerBatch")
+        # Unreachable with validated settings (score: Arrow batches of maxRecordsPerBatch rows;
+        # prepare: row groups of <= shard.row_group_mb); a clear message if that ever changes.
+        raise ValueError(f"{n} rows of {width} bytes exceed one Arrow binary array (2 GiB): encode fewer rows at a time")
     data = np.empty((n, width), dtype=np.uint8)
     data[:, : header.size] = header
     data[:, header.size :] = np.ascontiguousarray(batch).reshape(n, -1).view(np.uint8)

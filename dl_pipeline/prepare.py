@@ -371,7 +371,7 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
 
     ``resolved`` is hash-partitioned so that every row group (``_group``, see
     resolve_duplicates) lies within one partition; partitions are coalesced into one Python
-    task per core (each Python task costs ~0.1 s of fixed overhead here), which writes its
+    task per core (fewer rejects files, and each task's fixed cost paid once per core), which writes its
     files (see _dataset_writer) under ``<out>/_staging``; the driver checks them against the
     counts and moves each output into place. Rows inside a group are ordered by a seeded hash
     of their content: random and reproducible, so re-runs give byte-identical shards, on any

@@ -39,6 +39,7 @@ def test_defaults_and_yaml_diff_and_overrides(tmp_path):
         (["train.launcher=mpi"], "train.launcher='mpi': must be one of spark, horovodrun, local"),
         (["train.resume=maybe"], "train.resume: expected bool"),
         (["shard.val_fraction=0.6", "shard.test_fraction=0.5"], "shard.val_fraction + shard.test_fraction must be < 1"),
+        (["shard.row_group_mb=4096"], "shard.row_group_mb must be in 1..1024"),
         (["data.num_fields=5"], "data.num_fields=5"),
         (["data.label_names=[a,b]", "data.num_classes=3"], "data.label_names has 2 names but data.num_classes=3"),
     ],
