@@ -218,6 +218,10 @@ class HogwildConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
+    """Text models score Zhang CSV, CSV, JSON or Parquet rows. Image models score image files
+    (``image_files``: PNG/JPEG under ``input_path``, ids from ``path``, ``length``,
+    ``modificationTime``) or Parquet with the encoded image bytes in ``image_column``."""
+
     model_path: str = ""
     input_path: str = ""
     output_path: str = ""
@@ -228,9 +232,12 @@ class ScoreConfig:
     max_records_per_batch: int = 4096
     top_k: int = 0
     output_format: str = "parquet"
+    image_column: str = "image"
+    max_image_bytes: int = 16 << 20  # larger encoded images are rejected (image_too_large), never read
 
     def __post_init__(self) -> None:
-        _one_of("score", "input_format", self.input_format, ("zhang_csv", "csv", "json", "parquet"))
+        _one_of("score", "input_format", self.input_format, ("zhang_csv", "csv", "json", "parquet", "image_files"))
+        _require(1 <= self.max_image_bytes < 1 << 31, "score.max_image_bytes must be in 1..2147483647 (Spark reads a file into one byte array)")
         _one_of("score", "output_format", self.output_format, ("parquet", "delta"))
         _require(self.batch_size >= 1, "score.batch_size must be >= 1")
         _require(self.max_records_per_batch >= 1, "score.max_records_per_batch must be >= 1")

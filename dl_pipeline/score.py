@@ -72,11 +72,13 @@ def _predict(bundle, feats: dict[str, np.ndarray], batch_size: int, top_k: int) 
     return {"index": idx[:, 0], "probability": prob[:, 0], "topk_index": idx, "topk_prob": prob}
 
 
-def _read_input(spark, cfg: Config, path: str):
-    """-> (DataFrame(ids..., raw string[, parts array<string>, reason string]), ids, scan).
+def _read_input(spark, cfg: Config, path: str, kind: str):
+    """-> (DataFrame(ids..., raw string[, parts array<string> | content binary, reason string]),
+    ids, scan).
 
-    Without ``parts`` the rows are raw Zhang CSV lines that _score_fn parses itself. ``scan``
-    is a plain file scan with the input's partitioning (planning it runs no job), or None.
+    Without ``parts`` or ``content`` the rows are raw Zhang CSV lines that _score_fn parses
+    itself. ``scan`` is a plain file scan with the input's partitioning (planning it runs no
+    job), or None.
     """
     from pyspark.sql import functions as F
 
@@ -85,6 +87,8 @@ def _read_input(spark, cfg: Config, path: str):
     s = cfg.score
     if not fsutil.expand(path):
         raise UserError(f"score.input_path={path}: no such file or directory (for run date {s.run_date or 'today'}); fix the path or --run-date")
+    if kind == "image":
+        return _read_images(spark, s, path)
     if s.input_format == "zhang_csv":
         data = DataConfig(**{**cfg.data.__dict__, "format": "zhang_csv"})
         ids = list(s.id_columns) or ["source_file", "row_number"]
@@ -117,10 +121,98 @@ def _read_input(spark, cfg: Config, path: str):
     return out, list(s.id_columns), out
 
 
+IMAGE_FILE_IDS = ("path", "modificationTime", "length")
+# An Arrow batch holds its rows' encoded files: at most this many, whatever
+# score.max_records_per_batch says for text rows (128 x a 5 MB photo is 640 MB per worker).
+IMAGE_RECORDS_PER_BATCH = 128
+
+
+def _read_images(spark, s: ScoreConfig, path: str):
+    """Image inputs -> (DataFrame(ids..., content binary, raw string, reason string), ids, scan).
+
+    ``content`` is null on rows already rejected here: files or values over
+    ``score.max_image_bytes`` (``image_too_large``), null values (``null_image``), a column
+    that is not binary (``image_not_binary``). ``raw`` identifies the row in rejects.
+    """
+    from pyspark.sql import functions as F
+
+    from dl_pipeline.sources import image_files
+
+    url, limit = fsutil.to_url(path), s.max_image_bytes
+    none = F.lit(None)
+    if s.input_format == "image_files":
+        ids = list(s.id_columns) or ["path"]
+        unknown = [c for c in ids if c not in IMAGE_FILE_IDS]
+        if unknown:
+            raise UserError(f"score.id_columns {unknown}: image files have only {', '.join(IMAGE_FILE_IDS)}")
+        files = image_files(spark, url)
+        # The filter on length reaches the file source, which checks it before reading a file:
+        # an oversize file is listed and rejected, never loaded into memory.
+        fits = F.col("length") <= limit
+        read = files.filter(fits).select(*ids, "content", F.col("path").alias("raw"), none.cast("string").alias("reason"))
+        skipped = files.filter(~fits).select(*ids, none.cast("binary").alias("content"), F.col("path").alias("raw"),
+                                             F.lit("image_too_large").alias("reason"))
+        return read.unionByName(skipped), ids, files.select("path")
+    df = spark.read.format(s.input_format).load(url)
+    ids, col = list(s.id_columns), s.image_column
+    missing = [c for c in [*ids, col] if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: column(s) {', '.join(missing)} not found (have: {', '.join(df.columns)}); "
+                        "set score.id_columns / score.image_column")
+    if df.schema[col].dataType.typeName() != "binary":  # e.g. base64 text: every row is a reject
+        content, reason = none.cast("binary"), F.lit("image_not_binary")
+    else:
+        content = F.col(col)
+        reason = F.when(content.isNull(), F.lit("null_image")).when(F.length(content) > limit, F.lit("image_too_large"))
+    raw = F.to_json(F.struct(*[F.col(c) for c in ids])) if ids else none.cast("string")
+    out = df.select(*ids, F.when(reason.isNull(), content).alias("content"), raw.alias("raw"), reason.alias("reason"))
+    return out, ids, out
+
+
 # Under the output path but '_'-prefixed: Spark's partition discovery skips it, so readers of
 # the predictions table never trip over the rejects' own dt= folders.
 REJECTS_DIR = "_rejects"
 INJECT_FAILURE_CONF = "spark.dl_pipeline.test.inject_score_failure"
+
+
+def _text_batch(pdf: pd.DataFrame, spec: dict[str, Any], max_chars: int, separator: str, num_fields: int):
+    """Text rows -> (pdf, reasons [n] (None = scorable), features of the scorable rows or None).
+
+    Fields split by Spark come as ``parts``; raw Zhang CSV lines as ``raw`` are parsed,
+    length-checked and cleaned in one pass here (pdf gains ``label_raw``)."""
+    if "parts" in pdf:  # fields split by Spark (named columns, multi-line CSV)
+        reasons, texts = list(pdf["reason"]), []
+        for i, parts in enumerate(pdf["parts"]):
+            text = ""
+            if reasons[i] is None:
+                if parts is None or all(p is None for p in parts):
+                    reasons[i] = "null_text"
+                elif sum(len(p) for p in parts if p) > max_chars:
+                    reasons[i] = "text_too_long"
+                else:
+                    text = features.clean_record(list(parts), separator)
+            texts.append(text)
+    else:
+        # Scoring keeps rows with undecodable bytes (as U+FFFD), as the Spark CSV path does.
+        parsed = parse_and_clean_lines(pdf["raw"], num_fields, separator, max_chars, reject_invalid_utf8=False)
+        reasons, texts = [p[2] or p[4] for p in parsed], [p[3] or "" for p in parsed]
+        pdf = pdf.assign(label_raw=[p[0] for p in parsed])
+    reasons = [r if r is not None or t else "empty_text" for r, t in zip(reasons, texts, strict=True)]
+    good = [t for t, r in zip(texts, reasons, strict=True) if r is None]
+    return pdf, reasons, features.featurize_texts(good, spec) if good else None
+
+
+def _image_batch(pdf: pd.DataFrame, spec: dict[str, Any]):
+    """Encoded images -> (reasons [n], {"image": uint8 [m, H, W, C]} of the m decodable ones or
+    None), decoded and resized exactly as prepare does (features.decode_image)."""
+    reasons, pixels = list(pdf["reason"]), []
+    for i, blob in enumerate(pdf["content"]):
+        if reasons[i] is None:
+            try:
+                pixels.append(features.decode_image(bytes(blob), spec))
+            except ValueError:
+                reasons[i] = "undecodable_image"
+    return reasons, {"image": np.stack(pixels)} if pixels else None
 
 
 def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_chars: int, separator: str,
@@ -133,31 +225,17 @@ def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_
         for n_batch, pdf in enumerate(batches):
             if inject_failure and n_batch == 1:  # test hook: die mid-task, after output began
                 raise RuntimeError("injected scoring failure")
-            if "parts" in pdf:  # fields split by Spark (named columns, multi-line CSV)
-                reasons, texts = list(pdf["reason"]), []
-                for i, parts in enumerate(pdf["parts"]):
-                    text = ""
-                    if reasons[i] is None:
-                        if parts is None or all(p is None for p in parts):
-                            reasons[i] = "null_text"
-                        elif sum(len(p) for p in parts if p) > max_chars:
-                            reasons[i] = "text_too_long"
-                        else:
-                            text = features.clean_record(list(parts), separator)
-                    texts.append(text)
-            else:  # raw CSV lines: parsed, length-checked and cleaned in one pass
-                # Scoring keeps rows with undecodable bytes (as U+FFFD), as the Spark CSV path does.
-                parsed = parse_and_clean_lines(pdf["raw"], num_fields, separator, max_chars, reject_invalid_utf8=False)
-                reasons, texts = [p[2] or p[4] for p in parsed], [p[3] or "" for p in parsed]
-                pdf = pdf.assign(label_raw=[p[0] for p in parsed])
-            reasons = [r if r is not None or t else "empty_text" for r, t in zip(reasons, texts, strict=True)]
+            if "content" in pdf:
+                reasons, feats = _image_batch(pdf, bundle.featurizer)
+            else:
+                pdf, reasons, feats = _text_batch(pdf, bundle.model_featurizer, max_chars, separator, num_fields)
             ok = np.array([r is None for r in reasons], dtype=bool)
             out = pdf[ids].copy()
             out["prediction"] = pd.array([None] * len(pdf), dtype="Int32")
             out["label_name"] = None
             out["probability"] = np.nan
-            if ok.any():
-                pred = predict_texts(bundle, [t for t, good in zip(texts, ok, strict=False) if good], batch_size, top_k)
+            if feats is not None:
+                pred = _predict(bundle, feats, batch_size, top_k)
                 out.loc[ok, "prediction"] = (pred["index"] + base).astype(np.int32)
                 out.loc[ok, "label_name"] = [names[i] for i in pred["index"]]
                 out.loc[ok, "probability"] = pred["probability"]
@@ -204,11 +282,16 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     from dl_pipeline.bundle import load_bundle
 
     bundle = load_bundle(s.model_path)  # fail fast on the driver with a clear message
-    if bundle.featurizer["kind"] != "text":
-        raise UserError(f"{s.model_path}: an image model; score reads text rows (image scoring is not built yet)")
+    kind = bundle.featurizer["kind"]
+    if kind == "image" and s.input_format not in ("image_files", "parquet"):
+        raise UserError(f"{s.model_path}: an image model scores images: set score.input_format=image_files (PNG/JPEG files "
+                        "under score.input_path) or parquet (encoded bytes in score.image_column)")
+    if kind == "text" and s.input_format == "image_files":
+        raise UserError(f"{s.model_path}: a text model cannot score image files; set score.input_format to zhang_csv, csv, json or parquet")
     in_path = s.input_path.replace("{date}", date)
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(s.max_records_per_batch))
-    raw, ids, scan = _read_input(spark, cfg, in_path)
+    per_batch = s.max_records_per_batch if kind == "text" else min(s.max_records_per_batch, IMAGE_RECORDS_PER_BATCH)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(per_batch))
+    raw, ids, scan = _read_input(spark, cfg, in_path, kind)
     raw = _spread_over_cores(spark, raw, scan)
     out_schema = raw.select(*ids).schema
     ddl = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in out_schema.fields)
@@ -218,8 +301,9 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     ddl += ", model_version string, raw string, reason string"
     model_url = fsutil.to_url(s.model_path)
     scored = raw.mapInPandas(
-        _score_fn(model_url, ids, s.batch_size, s.top_k, cfg.data.max_text_chars, bundle.featurizer["cleaning"]["title_separator"],
-                  cfg.data.num_fields, spark.conf.get(INJECT_FAILURE_CONF, "false") == "true"),
+        _score_fn(model_url, ids, s.batch_size, s.top_k, cfg.data.max_text_chars,
+                  bundle.featurizer.get("cleaning", {}).get("title_separator", ""), cfg.data.num_fields,
+                  spark.conf.get(INJECT_FAILURE_CONF, "false") == "true"),
         ddl,
     ).withColumn("scored_at", F.current_timestamp()).withColumn("dt", F.lit(date))
     scored = scored.persist(StorageLevel.MEMORY_AND_DISK)

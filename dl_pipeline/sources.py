@@ -325,6 +325,18 @@ def read_idx(spark, images_path: str, labels_path: str, origin: str, data: DataC
 # ---------------------------------------------------------------------------------------------
 
 
+def image_files(spark, url: str):
+    """PNG/JPEG files anywhere under ``url`` -> DataFrame(path, modificationTime, length,
+    content). ``content`` is read only if selected, and only for files that pass filters on
+    ``length`` (the binaryFile source applies them to the file's status first)."""
+    return (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", True)
+        .option("pathGlobFilter", "*.{png,PNG,jpg,JPG,jpeg,JPEG}")
+        .load(url)
+    )
+
+
 def read_image_folder(spark, path: str, origin: str, data: DataConfig):
     """<path>/<class>/<image>.{png,jpg,jpeg} -> raw frame, decoded and resized on executors."""
     from pyspark.sql import functions as F
@@ -333,13 +345,7 @@ def read_image_folder(spark, path: str, origin: str, data: DataConfig):
 
     _check_inputs(path, f"data.{origin}_path")
     spec = image_spec(data)
-    files = (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", True)
-        .option("pathGlobFilter", "*.{png,PNG,jpg,JPG,jpeg,JPEG}")
-        .load(fsutil.to_url(path))
-        .select("path", "content")
-    )
+    files = image_files(spark, fsutil.to_url(path)).select("path", "content")
 
     def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import AG_TEST
+from conftest import AG_TEST, ROOT, SAMPLE
 from dl_pipeline.config import replace
 from dl_pipeline.features import clean_record, featurize_texts
 from dl_pipeline.score import INJECT_FAILURE_CONF, predict_texts, score_batch
@@ -192,3 +192,143 @@ def test_raw_csv_lines_are_parsed_checked_and_scored_in_one_pass(spark, ag_model
     assert summary["rejects_by_reason"] == {"empty_text": 1, "malformed_quoting": 1, "text_too_long": 1}
     good = _partition(tmp_path / "out", "2026-11-22").sort_values("row_number")
     assert good["row_number"].tolist() == [1, 2] and good["label_raw"].tolist() == ["3", "1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Image models
+# ---------------------------------------------------------------------------------------------
+
+FM_IMAGES = os.path.join(SAMPLE, "fashion_mnist", "t10k-images-idx3-ubyte.gz")
+FM_LABELS = os.path.join(SAMPLE, "fashion_mnist", "t10k-labels-idx1-ubyte.gz")
+
+
+@pytest.fixture(scope="module")
+def fm_model(spark, tmp_path_factory):
+    """(config, bundle path) of a LeNet trained 1 epoch in-process on the bundled Fashion-MNIST
+    sample, prepared from its idx files."""
+    from dl_pipeline.config import load_config
+    from dl_pipeline.prepare import prepare_dataset
+    from dl_pipeline.train.driver import train_model
+
+    tmp = tmp_path_factory.mktemp("fm")
+    cfg = load_config(os.path.join(ROOT, "conf", "fashion_mnist.yaml"), [
+        f"data.train_path={FM_IMAGES}", f"data.train_labels_path={FM_LABELS}", f"prepare.output_path={tmp}/prepared",
+        f"train.data_path={tmp}/prepared", f"train.run_dir={tmp}/run", "shard.max_workers=2", "train.launcher=local",
+        "train.epochs=1", "train.progress=false",
+    ])
+    prepare_dataset(spark, cfg)
+    train_model(cfg)
+    return cfg, os.path.join(cfg.train.run_dir, "model")
+
+
+def _fm_pixels(n):
+    from dl_pipeline.sources import parse_idx
+
+    return parse_idx(open(FM_IMAGES, "rb").read())[:n]
+
+
+def _encode(pixels, fmt="PNG", size=None):
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(pixels, mode="L")
+    img = img.resize(size, Image.NEAREST) if size else img
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _expected(bundle, blobs):
+    """In-process predictions for encoded images: decoded exactly as prepare decodes them."""
+    from dl_pipeline.features import decode_image
+    from dl_pipeline.score import _predict
+
+    pixels = np.stack([decode_image(b, bundle.featurizer) for b in blobs])
+    return _predict(bundle, {"image": pixels}, 64, 0)
+
+
+def test_image_files_are_scored_like_in_process_and_bad_files_rejected(spark, fm_model, tmp_path):
+    from dl_pipeline.bundle import load_bundle
+
+    cfg, model = fm_model
+    day = tmp_path / "in" / "2026-11-22"
+    (day / "shelf").mkdir(parents=True)
+    pixels = _fm_pixels(30)
+    files = {}
+    for i, px in enumerate(pixels):  # real Fashion-MNIST test images: PNG, some JPEG, some 2x size
+        fmt, size = ("JPEG", None) if i % 10 == 3 else ("PNG", (56, 56) if i % 10 == 7 else None)
+        name = day / ("shelf" if i % 2 else "") / f"item{i:02d}.{fmt.lower()}"
+        files[str(name)] = _encode(px, fmt, size)
+        name.write_bytes(files[str(name)])
+    (day / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
+    big = _encode(pixels[0], size=(280, 280))
+    (day / "big.png").write_bytes(big)
+    (day / "notes.txt").write_text("not an image: not a row")
+    limit = max(len(b) for b in files.values()) + 1
+    assert len(big) > limit
+    out = tmp_path / "out"
+    run = replace(cfg, score={"model_path": model, "input_format": "image_files", "input_path": str(tmp_path / "in" / "{date}"),
+                              "output_path": str(out), "run_date": "2026-11-22", "id_columns": ["path", "length"],
+                              "max_image_bytes": limit, "top_k": 3})
+    summary = score_batch(spark, run)["summary"]
+    assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (32, 30, 2)
+    assert summary["rejects_by_reason"] == {"image_too_large": 1, "undecodable_image": 1}
+
+    df = _partition(out, "2026-11-22").sort_values("path")
+    paths = sorted(files)
+    assert [p.removeprefix("file:") for p in df["path"]] == paths
+    assert df["length"].tolist() == [len(files[p]) for p in paths]
+    bundle = load_bundle(model)
+    local = _expected(bundle, [files[p] for p in paths])
+    np.testing.assert_array_equal(df["prediction"].to_numpy(), local["index"])  # label_base 0
+    np.testing.assert_allclose(df["probability"].to_numpy(), local["probability"], atol=1e-5)
+    assert df["label_name"].tolist() == [bundle.labels["names"][i] for i in local["index"]]
+    assert all(len(t) == 3 for t in df["top_k"])
+    bad = pq.read_table(f"{out}/_rejects/dt=2026-11-22").to_pandas()
+    assert {os.path.basename(r): reason for r, reason in zip(bad["raw"], bad["reason"], strict=True)} == {
+        "big.png": "image_too_large", "broken.png": "undecodable_image"}
+
+
+def test_image_bytes_in_parquet_are_scored_and_bad_values_rejected(spark, fm_model, tmp_path):
+    import pyarrow as pa
+
+    from dl_pipeline.bundle import load_bundle
+
+    cfg, model = fm_model
+    blobs = [_encode(px) for px in _fm_pixels(5)]
+    pq.write_table(pa.table({"sku": list(range(1, 9)),
+                             "image": [*blobs, None, b"garbage", _encode(_fm_pixels(1)[0], size=(280, 280))]}),
+                   tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    run = replace(cfg, score={"model_path": model, "input_format": "parquet", "input_path": str(tmp_path / "in.parquet"),
+                              "output_path": str(out), "run_date": "2026-11-22", "id_columns": ["sku"],
+                              "max_image_bytes": max(map(len, blobs))})
+    summary = score_batch(spark, run)["summary"]
+    assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (8, 5, 3)
+    df = _partition(out, "2026-11-22").sort_values("sku")
+    assert df["sku"].tolist() == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(df["prediction"].to_numpy(), _expected(load_bundle(model), blobs)["index"])
+    bad = pq.read_table(f"{out}/_rejects/dt=2026-11-22").to_pandas().sort_values("sku")
+    assert bad["reason"].tolist() == ["null_image", "undecodable_image", "image_too_large"]
+    assert bad["raw"].tolist() == ['{"sku":6}', '{"sku":7}', '{"sku":8}']
+
+    # A text column where the image should be: every row rejected, the job does not fail.
+    pq.write_table(pa.table({"sku": [1, 2], "image": ["aGVsbG8=", "d29ybGQ="]}), tmp_path / "b64.parquet")
+    summary = score_batch(spark, replace(run, score={"input_path": str(tmp_path / "b64.parquet")}))["summary"]
+    assert summary["rejects_by_reason"] == {"image_not_binary": 2} and summary["scored"] == 0
+
+
+def test_model_and_input_kinds_must_match(spark, fm_model, ag_model, tmp_path):
+    from dl_pipeline.errors import UserError
+
+    cfg, model = fm_model
+    run = replace(cfg, score={"model_path": model, "input_format": "zhang_csv", "input_path": AG_TEST,
+                              "output_path": str(tmp_path / "out"), "run_date": "2026-11-22"})
+    with pytest.raises(UserError, match="an image model scores images: set score.input_format=image_files"):
+        score_batch(spark, run)
+    text_cfg, _ = ag_model
+    run = replace(text_cfg, score={"model_path": os.path.join(text_cfg.train.run_dir, "model"), "input_format": "image_files",
+                                   "input_path": str(tmp_path), "output_path": str(tmp_path / "out")})
+    with pytest.raises(UserError, match="a text model cannot score image files"):
+        score_batch(spark, run)
