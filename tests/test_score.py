@@ -269,7 +269,7 @@ def test_image_files_are_scored_like_in_process_and_bad_files_rejected(spark, fm
     assert len(big) > limit
     out = tmp_path / "out"
     run = replace(cfg, score={"model_path": model, "input_format": "image_files", "input_path": str(tmp_path / "in" / "{date}"),
-                              "output_path": str(out), "run_date": "2026-11-22", "id_columns": ["path", "length"],
+                              "output_path": str(out), "run_date": "2026-11-22", "id_columns": ["path", "length", "modificationTime"],
                               "max_image_bytes": limit, "top_k": 3})
     summary = score_batch(spark, run)["summary"]
     assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (32, 30, 2)
@@ -279,6 +279,7 @@ def test_image_files_are_scored_like_in_process_and_bad_files_rejected(spark, fm
     paths = sorted(files)
     assert [p.removeprefix("file:") for p in df["path"]] == paths
     assert df["length"].tolist() == [len(files[p]) for p in paths]
+    assert df["modificationTime"].notna().all()
     bundle = load_bundle(model)
     local = _expected(bundle, [files[p] for p in paths])
     np.testing.assert_array_equal(df["prediction"].to_numpy(), local["index"])  # label_base 0
