@@ -264,6 +264,8 @@ def test_image_files_are_scored_like_in_process_and_bad_files_rejected(spark, fm
     (day / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
     big = _encode(pixels[0], size=(280, 280))
     (day / "big.png").write_bytes(big)
+    with open(day / "huge.jpg", "wb") as fh:  # 3 GB, sparse: reading it would fail the job
+        fh.truncate(3 << 30)
     (day / "notes.txt").write_text("not an image: not a row")
     limit = max(len(b) for b in files.values()) + 1
     assert len(big) > limit
@@ -272,8 +274,8 @@ def test_image_files_are_scored_like_in_process_and_bad_files_rejected(spark, fm
                               "output_path": str(out), "run_date": "2026-11-22", "id_columns": ["path", "length", "modificationTime"],
                               "max_image_bytes": limit, "top_k": 3})
     summary = score_batch(spark, run)["summary"]
-    assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (32, 30, 2)
-    assert summary["rejects_by_reason"] == {"image_too_large": 1, "undecodable_image": 1}
+    assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (33, 30, 3)
+    assert summary["rejects_by_reason"] == {"image_too_large": 2, "undecodable_image": 1}
 
     df = _partition(out, "2026-11-22").sort_values("path")
     paths = sorted(files)
@@ -288,7 +290,7 @@ def test_image_files_are_scored_like_in_process_and_bad_files_rejected(spark, fm
     assert all(len(t) == 3 for t in df["top_k"])
     bad = pq.read_table(f"{out}/_rejects/dt=2026-11-22").to_pandas()
     assert {os.path.basename(r): reason for r, reason in zip(bad["raw"], bad["reason"], strict=True)} == {
-        "big.png": "image_too_large", "broken.png": "undecodable_image"}
+        "big.png": "image_too_large", "huge.jpg": "image_too_large", "broken.png": "undecodable_image"}
 
 
 def test_image_bytes_in_parquet_are_scored_and_bad_values_rejected(spark, fm_model, tmp_path):
