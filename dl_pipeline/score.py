@@ -268,6 +268,18 @@ def _spread_over_cores(spark, df, scan):
     return df.repartition(cores)
 
 
+def _replace_partition(spark, df, url: str, fmt: str, date: str, rows: int) -> None:
+    """Make ``df``'s rows (``rows`` of them) the whole ``dt=<date>`` partition of the table at
+    ``url``; other dates stay. Dynamic partition overwrite of no rows would touch nothing, so a
+    re-run with nothing to write deletes the date instead: an earlier run's rows never linger."""
+    if fmt == "delta":  # replaceWhere empties the date even when df is empty
+        df.write.format(fmt).mode("overwrite").partitionBy("dt").option("replaceWhere", f"dt = '{date}'").save(url)
+    elif rows:
+        df.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic").partitionBy("dt").save(url)
+    else:
+        hadoop_delete(spark, fsutil.join(url, f"dt={date}"))
+
+
 def score_batch(spark, cfg: Config) -> dict[str, Any]:
     """Score one run date; returns {"summary": {...}} and writes it under ``_runs/``."""
     from pyspark import StorageLevel
@@ -319,17 +331,9 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
         by_reason = {r["reason"]: r["n"] for r in scored.groupBy("reason").agg(F.count(F.lit(1)).alias("n")).collect()}
         counts = {True: by_reason.pop(None, 0), False: sum(by_reason.values())}
         good = scored.filter(F.col("reason").isNull()).drop("raw", "reason")
-        (good.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic")
-         .partitionBy("dt").save(out))
-        rejects_url = fsutil.join(out, REJECTS_DIR)
-        if counts[False] or fmt == "delta":
-            bad = scored.filter(F.col("reason").isNotNull()).select(*ids, "raw", "reason", "model_version", "scored_at", "dt")
-            writer = bad.write.format(fmt).mode("overwrite").partitionBy("dt")
-            # Delta replaces the date's partition even when this run has no rejects.
-            writer = writer.option("replaceWhere", f"dt = '{date}'") if fmt == "delta" else writer.option("partitionOverwriteMode", "dynamic")
-            writer.save(rejects_url)
-        else:  # no rejects this run: a re-run must not leave an earlier run's rejects behind
-            hadoop_delete(spark, fsutil.join(rejects_url, f"dt={date}"))
+        _replace_partition(spark, good, out, fmt, date, counts[True])
+        bad = scored.filter(F.col("reason").isNotNull()).select(*ids, "raw", "reason", "model_version", "scored_at", "dt")
+        _replace_partition(spark, bad, fsutil.join(out, REJECTS_DIR), fmt, date, counts[False])
     finally:
         scored.unpersist()
     rows_in = sum(counts.values())

@@ -137,6 +137,13 @@ def test_bad_rows_go_to_rejects_with_reasons(spark, ag_model, tmp_path):
     assert sorted(os.listdir(tmp_path / "out" / "_rejects")) == ["dt=2026-11-21"]
     assert _partition(tmp_path / "out", "2026-11-22")["id"].tolist() == [1]
 
+    # Every row bad on a re-run: the date's earlier predictions go as well (0 scored, 0 rows).
+    (tmp_path / "in" / "2026-11-22.json").write_text(lines[2] + "\n")
+    summary = score_batch(spark, cfg)["summary"]
+    assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (1, 0, 1)
+    assert not (tmp_path / "out" / "dt=2026-11-22").exists()
+    assert pq.read_table(f"{tmp_path}/out/_rejects/dt=2026-11-22").to_pandas()["reason"].tolist() == ["empty_text"]
+
 
 def test_missing_model_is_a_user_error(spark, scored, tmp_path):
     from dl_pipeline.errors import UserError
