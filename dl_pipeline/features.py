@@ -350,8 +350,27 @@ def hash_tokens(texts: Iterable[str], spec: dict[str, Any]) -> tuple[np.ndarray,
     return ids, np.minimum(lengths, max_tokens).astype(np.int32)
 
 
+# Rows featurized per block. Each row's temporaries (character mask and codes, token hashes and
+# positions, padded ids) take ~10 KB, so a 20,000-row call works far outside the CPU caches:
+# measured 1.6x the CPU per row of 2,048-row blocks (1,024 to 4,096 are all within 3%).
+BLOCK_ROWS = 2048
+
+
 def featurize_texts(texts: Sequence[str], spec: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Cleaned texts -> the feature arrays named in the spec."""
+    """Cleaned texts -> the feature arrays named in the spec, computed BLOCK_ROWS rows at a time."""
+    if len(texts) <= BLOCK_ROWS:
+        return _featurize_block(texts, spec)
+    out: dict[str, np.ndarray] = {}
+    for start in range(0, len(texts), BLOCK_ROWS):
+        block = _featurize_block(texts[start : start + BLOCK_ROWS], spec)
+        for name, arr in block.items():
+            if name not in out:
+                out[name] = np.empty((len(texts), *arr.shape[1:]), dtype=arr.dtype)
+            out[name][start : start + len(arr)] = arr
+    return out
+
+
+def _featurize_block(texts: Sequence[str], spec: dict[str, Any]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if spec["chars"]["enabled"]:
         out["chars"] = quantize_chars(texts, spec)

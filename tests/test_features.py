@@ -6,9 +6,11 @@ import pytest
 
 from dl_pipeline.config import DataConfig, FeaturesConfig
 from dl_pipeline.features import (
+    BLOCK_ROWS,
     clean_record,
     clean_text,
     crc32_spans,
+    featurize_texts,
     hash_tokens,
     ndarray_codec_array,
     quantize_chars,
@@ -125,6 +127,18 @@ def test_quantize_chars_batch_equals_row_by_row_definition():
         for text, row in zip(texts, quantize_chars(texts, spec), strict=True):
             codes = [table.get(c, 0) for c in text[:24].lower()[:12]]
             assert row.tolist() == (codes[::-1] if reverse else codes) + [0] * (12 - len(codes)), repr(text)
+
+
+def test_featurize_texts_in_blocks_equals_row_by_row():
+    spec = text_spec(FeaturesConfig(char_length=16, max_tokens=8, hash_buckets=1000), DataConfig())
+    words = ["Stocks", "rose", "on", "Monday,", "école", "AT&T", "ﬁne", "!"]
+    texts = [" ".join(words[j % len(words)] for j in range(i % 11)) for i in range(2 * BLOCK_ROWS + 3)]
+    feats = featurize_texts(texts, spec)
+    assert feats["chars"].shape == (len(texts), 16) and feats["tokens"].shape == (len(texts), 8)
+    for i in (0, 1, BLOCK_ROWS - 1, BLOCK_ROWS, BLOCK_ROWS + 1, 2 * BLOCK_ROWS + 2):
+        alone = featurize_texts([texts[i]], spec)
+        for name in ("chars", "tokens", "length"):
+            assert feats[name][i].tolist() == alone[name][0].tolist(), (name, i)
 
 
 def test_ndarray_codec_array_decodes_with_petastorm():
