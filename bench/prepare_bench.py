@@ -104,6 +104,7 @@ def main() -> None:
             results[n]["repeat_runs_s"] = [round(r, 2) for r in runs[1:]]
             results[n]["repeat_cpu_s"] = cpu[1:]
     base = sizes[0]
+    driver_peak = peak_rss_mb()  # before the single-process runs, which hold their rows in this process
     single = {}
     for n in sizes:
         secs, cpu_secs = single_process(os.path.join(args.workdir, f"ag_{n}.csv"), os.path.join(args.workdir, "single.parquet"),
@@ -118,7 +119,8 @@ def main() -> None:
         "machine": machine(),
         "sizes": results,
         "single_process": single,
-        "driver_peak_rss_mb": peak_rss_mb(),
+        "driver_peak_rss_mb": driver_peak,
+        "single_process_peak_rss_mb": peak_rss_mb(),
     }
     if len(sizes) > 1:
         doc["cost_per_row_ratio_largest_vs_smallest"] = round(results[sizes[-1]]["us_per_row"] / results[base]["us_per_row"], 3)
