@@ -337,6 +337,9 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     finally:
         scored.unpersist()
     rows_in = sum(counts.values())
+    if rows_in == 0:  # legitimate for a quiet day, but worth a line in a scheduled job's log
+        log.warning("score: %s has no rows for run date %s (image inputs: no .png/.jpg/.jpeg files); "
+                    "the date's partitions are now empty", in_path, date)
     summary = {
         "run_date": date,
         "input_path": in_path,

@@ -342,3 +342,21 @@ def test_model_and_input_kinds_must_match(spark, fm_model, ag_model, tmp_path):
                                    "input_path": str(tmp_path), "output_path": str(tmp_path / "out")})
     with pytest.raises(UserError, match="a text model cannot score image files"):
         score_batch(spark, run)
+
+
+def test_a_day_without_images_empties_the_date(spark, fm_model, tmp_path):
+    cfg, model = fm_model
+    day = tmp_path / "in"
+    day.mkdir()
+    for i, px in enumerate(_fm_pixels(2)):
+        (day / f"{i}.png").write_bytes(_encode(px))
+    out = tmp_path / "out"
+    run = replace(cfg, score={"model_path": model, "input_format": "image_files", "input_path": str(day),
+                              "output_path": str(out), "run_date": "2026-11-22"})
+    assert score_batch(spark, run)["summary"]["scored"] == 2
+    for f in day.iterdir():
+        f.unlink()
+    (day / "readme.txt").write_text("no images today")
+    summary = score_batch(spark, run)["summary"]
+    assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (0, 0, 0)
+    assert not (out / "dt=2026-11-22").exists() and not (out / "_rejects" / "dt=2026-11-22").exists()
