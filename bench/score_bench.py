@@ -167,7 +167,7 @@ def main() -> None:
                       "scored": summary["scored"], "runs_s": [round(x, 2) for x in spark_runs]},
         "ceiling_prefeaturized_one_process": {"wall_s": round(ceiling_s, 3), "rows_per_s": round(args.rows / ceiling_s)},
         "one_process_parse_clean_featurize_predict": {"wall_s": round(one_process_full_s, 2),
-                                                "rows_per_s": round(args.rows / one_process_full_s)},
+                                                      "rows_per_s": round(args.rows / one_process_full_s)},
         "row_at_a_time_udf": {"rows": args.udf_rows, "wall_s": round(udf_s, 2), "rows_per_s": round(args.udf_rows / udf_s)},
         "spark_vs_ceiling": round(spark_rps / (args.rows / ceiling_s), 4),
         "spark_vs_one_process_full": round(spark_rps / (args.rows / one_process_full_s), 3),
