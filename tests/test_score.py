@@ -360,3 +360,33 @@ def test_a_day_without_images_empties_the_date(spark, fm_model, tmp_path):
     summary = score_batch(spark, run)["summary"]
     assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (0, 0, 0)
     assert not (out / "dt=2026-11-22").exists() and not (out / "_rejects" / "dt=2026-11-22").exists()
+
+
+def test_image_features_are_identical_in_prepare_and_score(spark, tmp_path):
+    """Train/serve parity for images: pixels stored by prepare (image folder) equal the pixels
+    score feeds the model for the same files, including files resized to the spec."""
+    import pandas as pd
+    from petastorm import make_reader
+
+    from dl_pipeline.config import load_config
+    from dl_pipeline.features import image_spec
+    from dl_pipeline.prepare import prepare_dataset
+    from dl_pipeline.score import _image_batch
+
+    blobs = {}
+    for i, px in enumerate(_fm_pixels(12)):
+        cls = tmp_path / "imgs" / f"class{i % 2}"
+        cls.mkdir(parents=True, exist_ok=True)
+        fmt, size = ("JPEG", None) if i % 4 == 1 else ("PNG", (40, 40) if i % 4 == 2 else None)
+        blobs[i] = _encode(px, fmt, size)
+        (cls / f"{i}.{fmt.lower()}").write_bytes(blobs[i])
+    cfg = load_config(None, ["data.kind=image_folder", f"data.train_path={tmp_path}/imgs", f"prepare.output_path={tmp_path}/out",
+                             "data.image_height=28", "data.image_width=28", "data.image_channels=1", "shard.max_workers=1",
+                             "shard.row_groups_per_worker=1", "shard.val_fraction=0", "shard.test_fraction=0"])
+    manifest = prepare_dataset(spark, cfg)
+    assert manifest["counts"]["clean_rows"] == 12
+    with make_reader(f"file://{tmp_path}/out/train", num_epochs=1) as reader:
+        stored = sorted(row.image.tobytes() for row in reader)
+    reasons, feats = _image_batch(pd.DataFrame({"content": list(blobs.values()), "reason": [None] * 12}), image_spec(cfg.data))
+    assert reasons == [None] * 12 and feats["image"].shape == (12, 28, 28, 1)
+    assert sorted(img.tobytes() for img in feats["image"]) == stored
