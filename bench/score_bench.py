@@ -18,7 +18,7 @@ import tempfile
 import time
 
 import torch
-from common import AG_TEST, AG_TRAIN, emit, machine, resampled_ag_news
+from common import AG_TEST, AG_TRAIN, ROOT, emit, machine, resampled_ag_news
 
 from dl_pipeline.bundle import load_bundle
 from dl_pipeline.config import SparkConfig, load_config, replace
@@ -80,6 +80,52 @@ def _inference_bound(spark, args, fasttext_path: str) -> dict:
             "spark_vs_ceiling": round(ceiling_s / spark_s, 3)}
 
 
+def _image_model(spark, args) -> dict:
+    """Image scoring: PNG files of real Fashion-MNIST test images, an untrained LeNet bundle
+    (inference cost only), Spark job vs the same model on pre-decoded pixels in one process
+    (ceiling) and vs one process decoding the same files and predicting (reference)."""
+    import numpy as np
+    from PIL import Image
+
+    from dl_pipeline.bundle import save_bundle
+    from dl_pipeline.config import DataConfig
+    from dl_pipeline.features import decode_image, image_spec
+    from dl_pipeline.models import build_model, model_spec
+    from dl_pipeline.sources import parse_idx
+
+    n = args.image_rows
+    pixels = parse_idx(open(os.path.join(ROOT, "data", "sample", "fashion_mnist", "t10k-images-idx3-ubyte.gz"), "rb").read())[:n]
+    folder = os.path.join(args.workdir, f"images_{n}")
+    if not os.path.isdir(folder):
+        os.makedirs(folder + ".tmp", exist_ok=True)
+        for i, px in enumerate(pixels):
+            Image.fromarray(px, mode="L").save(os.path.join(folder + ".tmp", f"{i:05d}.png"))
+        os.replace(folder + ".tmp", folder)
+    spec = image_spec(DataConfig())
+    mspec = model_spec("cnn", spec, 10, 0, "small", 0.5)
+    torch.manual_seed(0)
+    path = save_bundle(os.path.join(args.workdir, "cnn_model"), build_model(mspec).eval(), mspec, spec,
+                       {"label_base": 0, "names": [str(i) for i in range(10)]}, {"note": "untrained weights: for timing only"})
+    out = os.path.join(args.workdir, "scores_images")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(None, [f"score.model_path={path}", f"score.input_path={folder}", f"score.output_path={out}",
+                             "score.input_format=image_files", "score.run_date=2026-11-22", "score.batch_size=128"])
+    score_batch(spark, replace(cfg, score={"run_date": "2026-11-21"}))  # warm-up
+    spark_s = statistics.median(_timed(lambda: score_batch(spark, cfg)) for _ in range(args.repeats))
+    bundle = load_bundle(path)
+    feats = {"image": pixels[..., None].copy()}
+    ceiling_s = statistics.median(_timed(lambda: _predict(bundle, feats, 128, 0)) for _ in range(args.repeats))
+    blobs = [open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))]
+    full_s = statistics.median(
+        _timed(lambda: _predict(bundle, {"image": np.stack([decode_image(b, spec) for b in blobs])}, 128, 0))
+        for _ in range(args.repeats))
+    return {"model": "cnn (LeNet, untrained weights: inference cost only)", "images": n, "input": "PNG files, 28x28 grayscale",
+            "spark_job": {"wall_s": round(spark_s, 2), "images_per_s": round(n / spark_s, 1)},
+            "ceiling_predecoded_one_process": {"wall_s": round(ceiling_s, 3), "images_per_s": round(n / ceiling_s, 1)},
+            "one_process_decode_predict": {"wall_s": round(full_s, 3), "images_per_s": round(n / full_s, 1)},
+            "spark_vs_ceiling": round(ceiling_s / spark_s, 3), "spark_vs_one_process_full": round(full_s / spark_s, 3)}
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -94,6 +140,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--char-cnn-rows", type=int, default=2000,
                     help="also time an inference-bound model (untrained char_cnn) on this many rows; 0: skip")
+    ap.add_argument("--image-rows", type=int, default=4000,
+                    help="also time an image model on this many PNG files (real Fashion-MNIST test images); 0: skip")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dlp-score-bench"))
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
@@ -156,6 +204,7 @@ def main() -> None:
     spark_rps = args.rows / spark_s
     torch.set_num_threads(2)
     inference_bound = _inference_bound(spark, args, model_path) if args.char_cnn_rows else None
+    image_model = _image_model(spark, args) if args.image_rows else None
     emit({
         "benchmark": "score",
         "data": f"{args.rows} AG News rows resampled with a fixed seed (2015): label+body of one real row, title of another",
@@ -173,6 +222,7 @@ def main() -> None:
         "spark_vs_one_process_full": round(spark_rps / (args.rows / one_process_full_s), 3),
         "spark_vs_row_udf": round(spark_rps / (args.udf_rows / udf_s), 2),
         "inference_bound_model": inference_bound,
+        "image_model": image_model,
     })
 
 

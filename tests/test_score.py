@@ -282,6 +282,11 @@ def test_image_files_are_scored_like_in_process_and_bad_files_rejected(spark, fm
                               "max_image_bytes": limit, "top_k": 3})
     summary = score_batch(spark, run)["summary"]
     assert (summary["rows_in"], summary["scored"], summary["rejected"]) == (33, 30, 3)
+    # Small files in one task per core (plus one that lists the oversize ones), not 32 a task.
+    from dl_pipeline.score import _read_images
+
+    frame = _read_images(spark, run.score, str(day))[0]
+    assert frame.rdd.getNumPartitions() <= spark.sparkContext.defaultParallelism + 1
     assert summary["rejects_by_reason"] == {"image_too_large": 2, "undecodable_image": 1}
 
     df = _partition(out, "2026-11-22").sort_values("path")
