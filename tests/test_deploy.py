@@ -210,7 +210,6 @@ def test_worker_daemon_rereads_a_zip_only_when_it_changed(tmp_path):
     assert out.stdout.split() == ["0", "1", "1", "2"]
 
 
-@pytest.mark.skipif(sys.version_info >= (3, 12), reason="the CPython fix (gh-103200) is in 3.12")
 def test_worker_daemon_is_set_only_where_the_workers_python_can_import_it(tmp_path):
     from dl_pipeline.spark import _worker_daemon_conf
 
@@ -238,3 +237,42 @@ def test_local_sessions_run_python_tasks_under_the_patched_daemon(spark):
 
     # Unpatched, every task re-read pyspark.zip, py4j's zip and Spark's jars: ~80 ms of CPU here.
     assert spark.sparkContext.parallelize(range(2), 2).mapPartitions(probe).collect() == [0, 0]
+
+
+def test_worker_daemon_collects_young_garbage_after_a_task_and_leaves_old_objects_alone():
+    import gc
+    import weakref
+
+    from dl_pipeline.pyworker import _YoungGenerationGC
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return a
+
+    shim = _YoungGenerationGC()
+    young = weakref.ref(cycle())  # a task's leftover reference cycle
+    assert young() is not None
+    shim.collect()
+    assert young() is None
+    kept = cycle()
+    gc.collect()  # kept survives a full collection: it is old now
+    old = weakref.ref(kept)
+    del kept
+    shim.collect()  # the per-task collection does not walk the old generation...
+    assert old() is not None
+    gc.collect()  # ...Python's own full collections still free it
+    assert old() is None
+    assert shim.get_threshold() == gc.get_threshold()  # everything else is the gc module
+
+
+def test_local_sessions_run_python_tasks_with_the_young_generation_collection(spark):
+    def probe(_):
+        import sys
+
+        yield type(sys.modules["pyspark.daemon"].gc).__name__
+
+    assert spark.sparkContext.parallelize(range(2), 2).mapPartitions(probe).collect() == ["_YoungGenerationGC"] * 2
