@@ -58,9 +58,9 @@ class _YoungGenerationGC:
     """``gc`` as ``pyspark.daemon`` sees it: the collection it forces after every task of a
     reused worker covers the young generations (0 and 1) only.
 
-    A full collection walks every object the worker holds: with pandas, pyarrow and torch
-    imported and a model loaded, ~27 ms of CPU per task measured here (90% of a trivial
-    task). What a task leaves behind in reference cycles is young; objects that outlive tasks
+    A full collection walks every object the worker holds: ~27 ms of CPU per task measured
+    here with pandas and pyarrow imported (90% of a trivial task), more once torch and a model
+    are loaded. What a task leaves behind in reference cycles is young; objects that outlive tasks
     (modules, the cached model) are old and are still collected by Python's own thresholds.
     """
 

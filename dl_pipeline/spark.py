@@ -31,7 +31,7 @@ def _worker_daemon_conf(python: str) -> dict[str, str]:
     """``spark.python.daemon.module`` for a local session, where it pays and is safe.
 
     Saves per Python task ~80 ms of CPU on Python < 3.12 (CPython gh-103200) and a full garbage
-    collection (~27 ms with torch loaded) on any version; see dl_pipeline/pyworker.py. The
+    collection (~27 ms with pandas and pyarrow loaded) on any version; see dl_pipeline/pyworker.py. The
     workers' interpreter must import dl_pipeline on its own (an installed or checked-out
     package, not a later ``addPyFile``), or no Python task could run: checked once here
     (~50 ms) rather than assumed.
