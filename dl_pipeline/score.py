@@ -136,7 +136,7 @@ def _read_images(spark, s: ScoreConfig, path: str):
     """
     from pyspark.sql import functions as F
 
-    from dl_pipeline.sources import image_files
+    from dl_pipeline.sources import image_files, image_tasks
 
     url, limit = fsutil.to_url(path), s.max_image_bytes
     none = F.lit(None)
@@ -152,12 +152,10 @@ def _read_images(spark, s: ScoreConfig, path: str):
         read = files.filter(fits).select(*ids, "content", F.col("path").alias("raw"), none.cast("string").alias("reason"))
         skipped = files.filter(~fits).select(*ids, none.cast("binary").alias("content"), F.col("path").alias("raw"),
                                              F.lit("image_too_large").alias("reason"))
-        # Spark packs files into scan tasks at 4 MB "open cost" apiece: 32 small images a task, so
-        # 4,000 images made 250 tasks, each paying a Python task's fixed cost (22 s here). One
-        # task per core reads its share of the files in turn instead. Each side is coalesced on
-        # its own: coalescing the union would hand every file to be read to the same tasks.
-        cores = spark.sparkContext.defaultParallelism
-        return read.coalesce(cores).unionByName(skipped.coalesce(1)), ids, None
+        # Fewer, larger tasks than Spark's packing of small files (see image_tasks). Each side is
+        # coalesced on its own: coalescing the union would give every file to be read to the
+        # same tasks, and the oversize side only lists files.
+        return read.coalesce(image_tasks(spark, files)).unionByName(skipped.coalesce(1)), ids, None
     df = spark.read.format(s.input_format).load(url)
     ids, col = list(s.id_columns), s.image_column
     missing = [c for c in [*ids, col] if c not in df.columns]

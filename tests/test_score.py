@@ -305,6 +305,14 @@ def test_image_files_are_scored_like_in_process_and_bad_files_rejected(spark, fm
         "big.png": "image_too_large", "huge.jpg": "image_too_large", "broken.png": "undecodable_image"}
 
 
+def test_image_tasks_grow_with_the_input_not_below_the_cores(spark):
+    from dl_pipeline.sources import image_tasks
+
+    cores = spark.sparkContext.defaultParallelism
+    assert image_tasks(spark, spark.range(0, 10, numPartitions=1)) == cores
+    assert image_tasks(spark, spark.range(0, 1000, numPartitions=320)) == max(cores, 10)  # ~32 scan tasks each
+
+
 def test_image_bytes_in_parquet_are_scored_and_bad_values_rejected(spark, fm_model, tmp_path):
     import pyarrow as pa
 
