@@ -401,6 +401,19 @@ def encoded_features(values: Sequence[Any], spec: dict[str, Any]) -> dict[str, A
 # ---------------------------------------------------------------------------------------------
 
 
+def decode_images(blobs: Iterable[Any], spec: dict[str, Any]) -> list[np.ndarray | None]:
+    """Encoded images (bytes-like; None allowed) -> uint8 [H, W, C] each, or None where the
+    blob is missing or undecodable (the caller's ``undecodable_image`` reject). Prepare and
+    score both decode through here, so they see the same pixels."""
+    out: list[np.ndarray | None] = []
+    for blob in blobs:
+        try:
+            out.append(None if blob is None else decode_image(bytes(blob), spec))
+        except ValueError:
+            out.append(None)
+    return out
+
+
 def decode_image(data: bytes, spec: dict[str, Any]) -> np.ndarray:
     """PNG/JPEG bytes -> uint8 [H, W, C] resized to the spec. Raises ValueError if undecodable."""
     from PIL import Image

@@ -207,14 +207,15 @@ def _text_batch(pdf: pd.DataFrame, spec: dict[str, Any], max_chars: int, separat
 
 def _image_batch(pdf: pd.DataFrame, spec: dict[str, Any]):
     """Encoded images -> (reasons [n], {"image": uint8 [m, H, W, C]} of the m decodable ones or
-    None), decoded and resized exactly as prepare does (features.decode_image)."""
-    reasons, pixels = list(pdf["reason"]), []
-    for i, blob in enumerate(pdf["content"]):
-        if reasons[i] is None:
-            try:
-                pixels.append(features.decode_image(bytes(blob), spec))
-            except ValueError:
-                reasons[i] = "undecodable_image"
+    None), decoded and resized exactly as prepare does (features.decode_images)."""
+    reasons = list(pdf["reason"])
+    todo = [i for i, r in enumerate(reasons) if r is None]  # rejected rows carry no content
+    pixels = []
+    for i, img in zip(todo, features.decode_images(pdf["content"].iloc[todo], spec), strict=True):
+        if img is None:
+            reasons[i] = "undecodable_image"
+        else:
+            pixels.append(img)
     return reasons, {"image": np.stack(pixels)} if pixels else None
 
 

@@ -353,7 +353,7 @@ def read_image_folder(spark, path: str, origin: str, data: DataConfig):
     """<path>/<class>/<image>.{png,jpg,jpeg} -> raw frame, decoded and resized on executors."""
     from pyspark.sql import functions as F
 
-    from dl_pipeline.features import decode_image, image_spec
+    from dl_pipeline.features import decode_images, image_spec
 
     _check_inputs(path, f"data.{origin}_path")
     spec = image_spec(data)
@@ -362,15 +362,9 @@ def read_image_folder(spark, path: str, origin: str, data: DataConfig):
 
     def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            pixels, reasons = [], []
-            for blob in pdf["content"]:
-                try:
-                    pixels.append(decode_image(bytes(blob), spec).tobytes())
-                    reasons.append(None)
-                except ValueError:
-                    pixels.append(None)
-                    reasons.append("undecodable_image")
-            yield pd.DataFrame({"path": pdf["path"], "pixels": pixels, "reason": reasons})
+            pixels = decode_images(pdf["content"], spec)
+            yield pd.DataFrame({"path": pdf["path"], "pixels": [None if p is None else p.tobytes() for p in pixels],
+                                "reason": [("undecodable_image" if p is None else None) for p in pixels]})
 
     decoded = files.mapInPandas(decode, "path string, pixels binary, reason string")
     return decoded.select(
