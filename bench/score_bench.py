@@ -46,16 +46,21 @@ def _model(spark, workdir: str, model: str | None) -> str:
     return path
 
 
-def _char_cnn_bundle(fasttext_path: str, workdir: str) -> str:
-    """An untrained char_cnn bundle with the same featurizer and labels: inference timing only."""
+def _untrained_bundle(workdir: str, name: str, featurizer: dict, labels: dict) -> str:
+    """A bundle of model ``name`` with seeded untrained weights: for timing inference only."""
     from dl_pipeline.bundle import save_bundle
     from dl_pipeline.models import build_model, model_spec
 
-    b = load_bundle(fasttext_path)
-    spec = model_spec("char_cnn", b.featurizer, b.model_spec["num_classes"], 0, "small", 0.5)
+    spec = model_spec(name, featurizer, len(labels["names"]), 0, "small", 0.5)
     torch.manual_seed(0)
-    return save_bundle(os.path.join(workdir, "char_cnn_model"), build_model(spec).eval(), spec, b.featurizer, b.labels,
+    return save_bundle(os.path.join(workdir, f"{name}_model"), build_model(spec).eval(), spec, featurizer, labels,
                        {"note": "untrained weights: for timing inference only"})
+
+
+def _char_cnn_bundle(fasttext_path: str, workdir: str) -> str:
+    """An untrained char_cnn bundle with the fastText bundle's featurizer and labels."""
+    b = load_bundle(fasttext_path)
+    return _untrained_bundle(workdir, "char_cnn", b.featurizer, b.labels)
 
 
 def _inference_bound(spark, args, fasttext_path: str) -> dict:
@@ -87,10 +92,8 @@ def _image_model(spark, args) -> dict:
     import numpy as np
     from PIL import Image
 
-    from dl_pipeline.bundle import save_bundle
     from dl_pipeline.config import DataConfig
     from dl_pipeline.features import decode_image, image_spec
-    from dl_pipeline.models import build_model, model_spec
     from dl_pipeline.sources import parse_idx
 
     n = args.image_rows
@@ -102,10 +105,7 @@ def _image_model(spark, args) -> dict:
             Image.fromarray(px, mode="L").save(os.path.join(folder + ".tmp", f"{i:05d}.png"))
         os.replace(folder + ".tmp", folder)
     spec = image_spec(DataConfig())
-    mspec = model_spec("cnn", spec, 10, 0, "small", 0.5)
-    torch.manual_seed(0)
-    path = save_bundle(os.path.join(args.workdir, "cnn_model"), build_model(mspec).eval(), mspec, spec,
-                       {"label_base": 0, "names": [str(i) for i in range(10)]}, {"note": "untrained weights: for timing only"})
+    path = _untrained_bundle(args.workdir, "cnn", spec, {"label_base": 0, "names": [str(i) for i in range(10)]})
     out = os.path.join(args.workdir, "scores_images")
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(None, [f"score.model_path={path}", f"score.input_path={folder}", f"score.output_path={out}",
