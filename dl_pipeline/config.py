@@ -150,7 +150,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training loop. ``batch_size`` is per rank; the learning rate is scaled by world size."""
+    """The training loop. ``batch_size`` is per rank; the learning rate is scaled by world size.
+
+    ``optimizer: auto``, ``lr: 0``, ``batch_size: 0``, ``lr_schedule: auto``, ``momentum: -1``
+    and ``warmup_epochs: -1`` take the model's recipe (``train/recipes.py``); set any of them to
+    override just that part.
+    """
 
     data_path: str = ""
     run_dir: str = ""
@@ -158,19 +163,20 @@ class TrainConfig:
     num_proc: int = 0
     mode: str = "sync"
     epochs: int = 5
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 0.001
-    momentum: float = 0.9
+    batch_size: int = 0
+    optimizer: str = "auto"
+    lr: float = 0.0
+    lr_schedule: str = "auto"
+    momentum: float = -1.0
     weight_decay: float = 0.0
     scale_lr: bool = True
-    warmup_epochs: float = 0.5
+    warmup_epochs: float = -1.0
     seed: int = 42
     early_stopping_patience: int = 3
     checkpoint_every_steps: int = 0
     steps_per_epoch: int = 0
-    reader_workers: int = 2
-    shuffle_buffer: int = 2048
+    reader_workers: int = 1
+    shuffle_buffer: int = 16384
     device: str = "auto"
     resume: bool = False
     log_every_steps: int = 50
@@ -181,15 +187,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _one_of("train", "launcher", self.launcher, ("spark", "horovodrun", "local"))
         _one_of("train", "mode", self.mode, ("sync", "hogwild"))
-        _one_of("train", "optimizer", self.optimizer, ("sgd", "adam"))
+        _one_of("train", "optimizer", self.optimizer, ("auto", "sgd", "adam"))
+        _one_of("train", "lr_schedule", self.lr_schedule, ("auto", "constant", "linear", "cosine"))
         _one_of("train", "device", self.device, ("auto", "cpu", "cuda"))
         _require(self.num_proc >= 0, "train.num_proc must be >= 0 (0 = every Spark task slot)")
         _require(self.epochs >= 1, "train.epochs must be >= 1")
-        _require(self.batch_size >= 1, "train.batch_size must be >= 1")
-        _require(self.lr > 0, "train.lr must be > 0")
-        _require(self.warmup_epochs >= 0, "train.warmup_epochs must be >= 0")
+        _require(self.batch_size >= 0, "train.batch_size must be >= 0 (0 = the model's recipe)")
+        _require(self.lr >= 0, "train.lr must be >= 0 (0 = the model's recipe)")
+        _require(self.momentum >= 0 or self.momentum == -1, "train.momentum must be >= 0 (-1 = the model's recipe)")
+        _require(self.warmup_epochs >= 0 or self.warmup_epochs == -1, "train.warmup_epochs must be >= 0 (-1 = the model's recipe)")
         _require(self.steps_per_epoch >= 0, "train.steps_per_epoch must be >= 0 (0 = rows / world / batch)")
         _require(self.reader_workers >= 1, "train.reader_workers must be >= 1")
+        _require(self.shuffle_buffer >= 0, "train.shuffle_buffer must be >= 0 (rows)")
+        _require(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
+        _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 = at epoch ends only)")
 
 
 @dataclass(frozen=True)

@@ -1,64 +1,72 @@
-"""The prepared dataset on disk: Petastorm Unischema, row-group files, Petastorm metadata, manifest.
+"""The prepared dataset on disk: typed Parquet columns, one row group per file, the manifest.
 
 Layout of ``prepare.output_path``::
 
     manifest.json          counts, schema, label map, featurizer spec, row groups, timings
-    train/ val/ test/      Petastorm datasets, one Parquet file = one row group, near-equal sizes
-                           (rows are dealt to groups by a seeded hash of their content)
+    train/ val/ test/      plain Parquet, one file = one row group, near-equal sizes (rows are
+                           dealt to groups by a seeded hash of their content)
     rejects/               Parquet: source_file, row_number, raw (<= 4 KB), reason
+
+Columns (see ``arrow_schema``): ``row_id`` string, ``label`` int32, and per feature a plain
+Parquet list whose rows all have the same length, so Petastorm's ``make_batch_reader``, Spark,
+pandas, pyarrow and DuckDB all read them without our code: ``tokens`` list<int32> [max_tokens]
+(0 pads after ``length`` real ids), ``length`` int32, ``chars`` list<uint8> [char_length],
+``image`` list<uint8> [H * W * C] (row-major H, W, C; the shape is in the manifest). Nothing
+pickled is written: there is no Petastorm Unischema, the schema lives in ``manifest.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
-import numpy as np
-
 from dl_pipeline import fsutil
-from dl_pipeline.errors import UserError
+from dl_pipeline.errors import PipelineError, UserError
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 
 
-def make_schema(spec: dict[str, Any]):
-    """Featurizer spec -> Petastorm Unischema. Column order is fixed (byte-identical output)."""
-    from petastorm.codecs import NdarrayCodec, ScalarCodec
-    from petastorm.unischema import Unischema, UnischemaField
-    from pyspark.sql.types import IntegerType, StringType
-
-    fields = [
-        UnischemaField("row_id", np.str_, (), ScalarCodec(StringType()), False),
-        UnischemaField("label", np.int32, (), ScalarCodec(IntegerType()), False),
-    ]
+def feature_shapes(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Featurizer spec -> {column: {"dtype", "shape"}}, the manifest's ``schema``: the shape of
+    one row as a reader hands it to a model (stored flat as one list per row)."""
+    out: dict[str, dict[str, Any]] = {"row_id": {"dtype": "str", "shape": []}, "label": {"dtype": "int32", "shape": []}}
     if spec["kind"] == "text":
         if spec["chars"]["enabled"]:
-            fields.append(UnischemaField("chars", np.uint8, (spec["chars"]["length"],), NdarrayCodec(), False))
+            out["chars"] = {"dtype": "uint8", "shape": [spec["chars"]["length"]]}
         if spec["tokens"]["enabled"]:
-            fields.append(UnischemaField("tokens", np.int32, (spec["tokens"]["max_tokens"],), NdarrayCodec(), False))
-            fields.append(UnischemaField("length", np.int32, (), ScalarCodec(IntegerType()), False))
+            out["tokens"] = {"dtype": "int32", "shape": [spec["tokens"]["max_tokens"]]}
+            out["length"] = {"dtype": "int32", "shape": []}
     else:
         im = spec["image"]
-        shape = (im["height"], im["width"], im["channels"])
-        fields.append(UnischemaField("image", np.uint8, shape, NdarrayCodec(), False))
-    return Unischema("DlPipelineRow", fields)
+        out["image"] = {"dtype": "uint8", "shape": [im["height"], im["width"], im["channels"]]}
+    return out
+
+
+def arrow_schema(spec: dict[str, Any]):
+    """The Arrow schema of every shard file. Column order is fixed (byte-identical output)."""
+    import pyarrow as pa
+
+    types = {"str": pa.string(), "int32": pa.int32(), "uint8": pa.uint8()}
+    fields = []
+    for name, col in feature_shapes(spec).items():
+        t = types[col["dtype"]]
+        fields.append(pa.field(name, pa.list_(t) if col["shape"] else t))
+    return pa.schema(fields)
 
 
 def bytes_per_row(spec: dict[str, Any]) -> int:
-    """Rough encoded size of one row, to size row groups before writing."""
-    if spec["kind"] == "text":
-        n = 32
-        if spec["chars"]["enabled"]:
-            n += spec["chars"]["length"] + 128
-        if spec["tokens"]["enabled"]:
-            n += 4 * spec["tokens"]["max_tokens"] + 128
-        return n
-    im = spec["image"]
-    return 32 + im["height"] * im["width"] * im["channels"] + 128
+    """Rough stored size of one row, to size row groups before writing."""
+    n = 32
+    for col in feature_shapes(spec).values():
+        if col["shape"]:
+            width = 1
+            for d in col["shape"]:
+                width *= d
+            n += width * (4 if col["dtype"] == "int32" else 1) + 4
+    return n
 
 
 def read_manifest(path: str) -> dict[str, Any]:
@@ -67,20 +75,21 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise UserError(
             f"{path}: no {MANIFEST} here; point train.data_path at a directory written by `dl-pipeline prepare`"
         )
-    return json.loads(fsutil.read_text(url))
+    manifest = json.loads(fsutil.read_text(url))
+    if manifest.get("format") != FORMAT:
+        raise UserError(
+            f"{path}/{MANIFEST}: format {manifest.get('format')!r}, this version reads {FORMAT!r} "
+            "(typed Parquet columns); re-run `dl-pipeline prepare` to rewrite the dataset"
+        )
+    return manifest
+
+
+# /2: typed list columns (no Petastorm Unischema, no NdarrayCodec blobs).
+FORMAT = "dl_pipeline.prepared/2"
 
 
 def split_url(path: str, split: str) -> str:
     return fsutil.join(fsutil.to_url(path), split)
-
-
-def arrow_schema(schema):
-    """Unischema -> the Arrow schema of its Parquet files (NdarrayCodec fields are binary)."""
-    import pyarrow as pa
-    from pyspark.sql.types import BinaryType, IntegerType, StringType
-
-    types = {BinaryType(): pa.binary(), IntegerType(): pa.int32(), StringType(): pa.string()}
-    return pa.schema([pa.field(f.name, types[f.dataType]) for f in schema.as_spark_schema().fields])
 
 
 def temp_name(path: str) -> str:
@@ -113,42 +122,33 @@ def parquet_file(url: str, schema, **options) -> Iterator[Any]:
 def write_row_group(url: str, table) -> None:
     """Write ``table`` as one Parquet file holding one row group (see parquet_file).
 
-    Dictionary encoding is off (feature blobs are all distinct: it only costs time) and
-    statistics are kept for the small columns only (min/max of 1 KB blobs are useless).
+    Dictionary encoding is off (feature rows are all distinct: it only costs time) and
+    statistics are kept for the scalar columns only (min/max of feature lists are useless).
     """
     import pyarrow as pa
 
-    stats = [f.name for f in table.schema if not pa.types.is_binary(f.type)]
+    stats = [f.name for f in table.schema if not (pa.types.is_binary(f.type) or pa.types.is_list(f.type))]
     with parquet_file(url, table.schema, compression="snappy", use_dictionary=False, write_statistics=stats) as writer:
         writer.write_table(table, row_group_size=max(1, table.num_rows))
 
 
-def finalize_petastorm(url: str, schema) -> list[dict[str, Any]]:
-    """Turn a directory of Parquet files into a Petastorm dataset; returns [{file, rows, row_groups}].
+def finalize_split(url: str, schema) -> list[dict[str, Any]]:
+    """Check a split directory's files against ``schema``; returns [{file, rows, row_groups}].
 
-    Writes ``_common_metadata`` with the pickled Unischema and the row groups per file, as
-    ``materialize_dataset`` does, but reads the footers here instead of in a Spark job (one
-    job per split cost seconds; the footers are a few KB each). Then loads the row groups back
-    the way ``make_reader`` will, so a dataset Petastorm cannot open fails here, not in training.
+    Reads only the footers (a few KB each), in parallel: a file with another schema (an old
+    dataset's leftovers, a foreign writer) fails here, not in training.
     """
     import pyarrow.parquet as pq
-    from petastorm.etl.dataset_metadata import ROW_GROUPS_PER_FILE_KEY, UNISCHEMA_KEY, load_row_groups
-    from petastorm.fs_utils import FilesystemResolver
-    from petastorm.utils import add_to_dataset_metadata
 
-    resolver = FilesystemResolver(url)
-    fs, root = resolver.filesystem(), resolver.get_dataset_path()
-    ds = pq.ParquetDataset(root, filesystem=fs, validate_schema=False)
-    paths = sorted(piece.path for piece in ds.pieces)
+    fs, root = fsutil.fs_and_path(url)
+    paths = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_")))
 
     def footer(path: str) -> dict[str, Any]:
         with fs.open(path) as fh:
             meta = pq.read_metadata(fh)
+        if not meta.schema.to_arrow_schema().equals(schema):
+            raise PipelineError(f"{path}: schema {meta.schema.to_arrow_schema()} is not the dataset's {schema}")
         return {"file": path.rsplit("/", 1)[-1], "rows": meta.num_rows, "row_groups": meta.num_row_groups}
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        files = list(pool.map(footer, paths))
-    add_to_dataset_metadata(ds, UNISCHEMA_KEY, pickle.dumps(schema))
-    add_to_dataset_metadata(ds, ROW_GROUPS_PER_FILE_KEY, json.dumps({f["file"]: f["row_groups"] for f in files}))
-    load_row_groups(pq.ParquetDataset(root, filesystem=fs, validate_schema=False))
-    return files
+        return list(pool.map(footer, paths))

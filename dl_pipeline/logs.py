@@ -16,5 +16,10 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler._dl_pipeline = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Libraries' INFO chatter (Petastorm's "Failed loading Unischema" for plain Parquet, ...) off."""
     for noisy in ("py4j", "petastorm", "pyarrow", "matplotlib", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

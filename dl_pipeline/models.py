@@ -1,7 +1,9 @@
 """Models, built from a JSON-able spec so a bundle can rebuild them without pickled code.
 
 Each model takes the batch dict produced by the data loader and reads its own feature:
-  * ``fasttext``  tokens int64 [B, T] (0 = pad)        -> logits [B, K]   (Joulin et al. 2017)
+  * ``fasttext``  token_ids [N] + token_offsets [B]     -> logits [B, K]   (Joulin et al. 2017)
+                  (the real ids of B rows end to end, see ``bag_inputs``), or tokens [B, T]
+                  with length [B], or tokens [B, T] alone (0 = pad)
   * ``char_cnn``  chars  int64 [B, L] (0 = unknown/pad) -> logits [B, K]   (Zhang et al. 2015)
   * ``cnn``       image  uint8 [B, H, W, C]             -> logits [B, K]   (LeNet-5 style)
 """
@@ -29,7 +31,23 @@ class FastText(nn.Module):
             self.embedding.weight[0].zero_()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "token_ids" not in batch and "length" in batch:
+            batch = bag_inputs(batch["tokens"], batch["length"])
+        if "token_ids" in batch:  # no work on padding: each bag is its row's real ids
+            return self.fc(self.embedding(batch["token_ids"], batch["token_offsets"]))
         return self.fc(self.embedding(batch["tokens"].long()))
+
+
+def bag_inputs(tokens: torch.Tensor, length: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Padded ids int32 [B, T] + real lengths int32 [B] -> {token_ids [sum(length)], token_offsets
+    [B]}, both int32: the input ``EmbeddingBag`` takes with offsets, with no padding to gather,
+    scatter or update. Rows are stored with their real ids first (``features.hash_tokens``)."""
+    length = length.to(tokens.dtype)
+    mask = torch.arange(tokens.shape[1], dtype=tokens.dtype) < length[:, None]
+    offsets = torch.zeros_like(length)
+    if len(length) > 1:
+        offsets[1:] = torch.cumsum(length[:-1], 0)
+    return {"token_ids": tokens[mask], "token_offsets": offsets}
 
 
 class CharCNN(nn.Module):

@@ -1,4 +1,4 @@
-"""prepare: raw datasets -> cleaned, featurized, sharded Petastorm datasets plus a manifest.
+"""prepare: raw datasets -> cleaned, featurized, sharded typed-Parquet datasets (read with Petastorm) plus a manifest.
 
 Pipeline (each step a ``DataFrame -> DataFrame`` transform)::
 
@@ -219,7 +219,7 @@ def check_accounting(counts: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing Petastorm splits
+# Writing the splits
 # ---------------------------------------------------------------------------------------------
 
 
@@ -366,7 +366,7 @@ def _move(spark, src: str, dst: str) -> None:
 
 def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partitions: int, num_classes: int,
                   train_path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Write ``<out>/rejects`` and the Petastorm datasets ``<out>/{train,val,test}`` in one Spark
+    """Write ``<out>/rejects`` and the datasets ``<out>/{train,val,test}`` in one Spark
     job; returns (summary of counts, split info). Raises if the rows do not add up.
 
     ``resolved`` is hash-partitioned so that every row group (``_group``, see
@@ -379,7 +379,7 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
     """
     from pyspark.sql import functions as F
 
-    schema = dataset.make_schema(spec)
+    schema = dataset.arrow_schema(spec)
     staging = fsutil.join(out, "_staging")
     hadoop_delete(spark, staging)  # leftovers of a crashed run
     tasks = max(1, min(spark.sparkContext.defaultParallelism, num_partitions))
@@ -393,7 +393,7 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
         )
         .coalesce(tasks)  # keeps each partition's order, so each group's rows stay together
     )
-    writer = _dataset_writer(spec, staging, dataset.arrow_schema(schema), spark.conf.get(INJECT_FAILURE_CONF, "false") == "true")
+    writer = _dataset_writer(spec, staging, schema, spark.conf.get(INJECT_FAILURE_CONF, "false") == "true")
     written = rows.mapInArrow(writer, _WRITER_DDL).collect()
     summary = summarize([r.asDict() for r in written if r["kind"] == "count"], num_classes)
     check_accounting(summary["counts"])
@@ -420,7 +420,7 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
             splits[split] = {"rows": 0, "row_groups": 0, "rows_per_row_group": [], "files": [], "per_class": summary["per_class"][split]}
             continue
         _move(spark, fsutil.join(staging, split), url)
-        files = dataset.finalize_petastorm(url, schema)
+        files = dataset.finalize_split(url, schema)
         splits[split] = {
             "rows": sum(f["rows"] for f in files),
             "row_groups": sum(f["row_groups"] for f in files),
@@ -508,9 +508,8 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
     log.info("prepare counts: %s (%d row groups, estimated %d input rows)", json.dumps(summary["counts"]), groups, n_est)
 
     timings["total_s"] = round(time.time() - t0, 3)
-    schema = dataset.make_schema(spec)
     manifest = {
-        "format": "dl_pipeline.prepared/1",
+        "format": dataset.FORMAT,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "counts": summary["counts"],
         "rejects_by_reason": summary["rejects_by_reason"],
@@ -519,7 +518,7 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
         "label_base": data.label_base if label_index is None else 0,
         "label_names": label_names,
         "featurizer": spec,
-        "schema": {f.name: {"dtype": np.dtype(f.numpy_dtype).name if f.numpy_dtype is not np.str_ else "str", "shape": list(f.shape)} for f in schema.fields.values()},
+        "schema": dataset.feature_shapes(spec),
         "max_workers": cfg.shard.max_workers,
         "inputs": inputs,
         "spark_version": spark.version,

@@ -1,13 +1,18 @@
-"""Rank-0 outputs: atomic checkpoints, the metrics log, the model bundle and the plots.
+"""Checkpoints that load no code: tensors in safetensors, everything else as JSON (rank 0 writes).
 
-``<run_dir>/``::
+``<run_dir>/checkpoints/``::
 
-    checkpoints/latest.pt   model + optimizer + epoch/step + RNG state (temp file + rename)
-    checkpoints/best.pt     weights with the lowest val loss so far
-    metrics.jsonl           one JSON line per logged step / epoch
-    metrics.json            final {val, test: {accuracy, loss, rows}, ...}
-    learning_curve.png, confusion_matrix.png
-    model/                  the bundle (dl_pipeline.bundle)
+    latest.safetensors   model weights ("model.<name>"), optimizer tensors ("optim.<i>.<key>"),
+                         the torch and numpy RNG states as uint8/uint32 tensors; the loop state,
+                         the optimizer's other values and Python's RNG state as JSON in the
+                         file's metadata ("dl_pipeline": {...})
+    best.safetensors     the weights with the lowest val loss so far ("model.<name>")
+
+Each file is written under a temporary name and renamed, so a crash leaves the previous one
+whole. Loading parses safetensors (a JSON header and raw tensor bytes) and JSON only: nothing in
+a checkpoint can run code. A file that is not one of ours (a pickle, a foreign safetensors file,
+an old ``latest.pt``) is refused with a ``UserError`` naming it; ``check`` runs on the driver
+before any rank starts, so ``--resume`` on such a run dir stops with one line and exit 2.
 """
 
 from __future__ import annotations
@@ -19,162 +24,133 @@ from typing import Any
 
 import numpy as np
 
+from dl_pipeline.errors import UserError
 
-def _dir(run_dir: str, *parts: str) -> str:
-    path = os.path.join(run_dir, *parts)
-    os.makedirs(os.path.dirname(path) if parts else path, exist_ok=True)
-    return path
+FORMAT = "dl_pipeline.checkpoint/1"
+LATEST, BEST = "latest.safetensors", "best.safetensors"
+LEGACY = ("latest.pt", "best.pt")  # pickles written before format 1: never loaded
 
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    import torch
+def _path(run_dir: str, name: str) -> str:
+    return os.path.join(run_dir, "checkpoints", name)
 
+
+def _write(path: str, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+              metadata={"dl_pipeline": json.dumps({"format": FORMAT, **meta})})
     os.replace(tmp, path)  # a crash leaves the previous checkpoint whole
 
 
-def save(run_dir: str, model, optimizer, state: dict) -> None:
-    import torch
+def _read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """-> (tensors, our metadata); UserError if ``path`` is not a checkpoint of ours."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
 
-    _atomic_torch_save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "state": state,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        },
-        _dir(run_dir, "checkpoints", "latest.pt"),
-    )
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("dl_pipeline", "{}"))
+            if meta.get("format") != FORMAT:
+                raise ValueError("no dl_pipeline checkpoint metadata")
+            return {k: fh.get_tensor(k) for k in fh.keys()}, meta
+    except (SafetensorError, ValueError, OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not a dl_pipeline checkpoint ({str(exc).splitlines()[0][:120]}); "
+                        "nothing in it was run: delete it, or train without --resume") from None
 
 
-def load_latest(run_dir: str, model, optimizer) -> dict | None:
-    """Restore model/optimizer/RNG from checkpoints/latest.pt; returns the loop state or None."""
-    import torch
-
-    path = os.path.join(run_dir, "checkpoints", "latest.pt")
+def check(run_dir: str) -> str | None:
+    """Driver-side check before ``--resume``: the latest checkpoint's path if there is one of
+    ours, None if there is none; UserError for anything else (e.g. a pickle ``latest.pt``)."""
+    for name in LEGACY:
+        if os.path.exists(_path(run_dir, name)):
+            raise UserError(f"{_path(run_dir, name)}: a pickle checkpoint (it could run code when loaded), refused; "
+                            "delete it and train again without --resume")
+    path = _path(run_dir, LATEST)
     if not os.path.exists(path):
         return None
-    # Our own file, written by save() above; optimizer state and RNG tuples need full unpickling.
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(ck["model"])
-    if optimizer is not None and ck.get("optimizer"):
-        optimizer.load_state_dict(ck["optimizer"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    np.random.set_state(ck["rng"]["numpy"])
-    random.setstate(ck["rng"]["python"])
-    return ck["state"]
+    _read(path)
+    best = _path(run_dir, BEST)
+    if os.path.exists(best):
+        _read(best)
+    return path
+
+
+def _optimizer_parts(optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """optimizer.state_dict() -> (tensors by "optim.<param>.<key>", JSON-able rest)."""
+    import torch
+
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in doc["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": doc["param_groups"]}
+
+
+def save(run_dir: str, model, optimizer, state: dict[str, Any]) -> None:
+    """checkpoints/latest.safetensors: model, optimizer, loop ``state`` (JSON-able), RNG states."""
+    import torch
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    meta: dict[str, Any] = {"state": state, "optimizer": None}
+    if optimizer is not None:
+        opt_tensors, meta["optimizer"] = _optimizer_parts(optimizer)
+        tensors.update(opt_tensors)
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32).copy())
+    version, pstate, pgauss = random.getstate()
+    meta["rng"] = {"numpy": [name, int(pos), int(has_gauss), float(gauss)], "python": [version, list(pstate), pgauss]}
+    _write(_path(run_dir, LATEST), tensors, meta)
+
+
+def load_latest(run_dir: str, model, optimizer) -> dict[str, Any] | None:
+    """Restore model, optimizer and RNG states from latest.safetensors; returns the loop state,
+    or None when there is no checkpoint."""
+    import torch
+
+    path = _path(run_dir, LATEST)
+    if not os.path.exists(path):
+        return None
+    tensors, meta = _read(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if optimizer is not None and meta.get("optimizer"):
+        optimizer.load_state_dict(_optimizer_state(tensors, meta["optimizer"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    name, pos, has_gauss, gauss = meta["rng"]["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().view(np.uint32), pos, has_gauss, gauss))
+    version, pstate, pgauss = meta["rng"]["python"]
+    random.setstate((version, tuple(pstate), pgauss))
+    return meta["state"]
 
 
 def save_best(run_dir: str, model) -> None:
-    _atomic_torch_save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, _dir(run_dir, "checkpoints", "best.pt"))
+    _write(_path(run_dir, BEST), {f"model.{k}": v for k, v in model.state_dict().items()}, {})
 
 
-def load_best(run_dir: str, model) -> None:
-    import torch
-
-    path = os.path.join(run_dir, "checkpoints", "best.pt")
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-
-
-class MetricsLog:
-    def __init__(self, run_dir: str):
-        self.path = _dir(run_dir, "metrics.jsonl")
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-
-def _plots(run_dir: str, history: list[dict], confusion: list[list[float]] | None, names: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if history:
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-        ep = [h["epoch"] for h in history]
-        ax[0].plot(ep, [h["train_loss"] for h in history], label="train")
-        ax[0].plot(ep, [h["val_loss"] for h in history], label="val")
-        ax[0].set(xlabel="epoch", ylabel="loss", title="loss")
-        ax[0].legend()
-        ax[1].plot(ep, [h["val_accuracy"] for h in history])
-        ax[1].set(xlabel="epoch", ylabel="accuracy", title="val accuracy")
-        fig.tight_layout()
-        fig.savefig(os.path.join(run_dir, "learning_curve.png"), dpi=80)
-        plt.close(fig)
-    if confusion is not None:
-        cm = np.asarray(confusion)
-        fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(cm), 1 + 0.5 * len(cm)))
-        ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), cmap="Blues")
-        ax.set(xticks=range(len(cm)), yticks=range(len(cm)), xlabel="predicted", ylabel="true", title="test confusion")
-        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-        ax.set_yticklabels(names, fontsize=7)
-        for i in range(len(cm)):
-            for j in range(len(cm)):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6)
-        fig.tight_layout()
-        fig.savefig(os.path.join(run_dir, "confusion_matrix.png"), dpi=80)
-        plt.close(fig)
-
-
-def write_outputs(p: dict[str, Any], model, metrics: dict, confusion: list[list[float]] | None) -> None:
-    """metrics.json, plots and the model bundle; rank 0 only."""
-    from dl_pipeline.bundle import save_bundle
-
-    run_dir = p["run_dir"]
-    out = {**metrics, "test_confusion": confusion}
-    tmp = _dir(run_dir, "metrics.json") + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=2)
-    os.replace(tmp, os.path.join(run_dir, "metrics.json"))
-    _plots(run_dir, metrics["history"], confusion, p["label_names"])
-    labels = {"label_base": p["label_base"], "names": p["label_names"]}
-    final = {"val": metrics["val"], "test": metrics["test"]}
-    save_bundle(os.path.join(run_dir, "model"), model, p["model_spec"], p["featurizer"], labels, final)
-    log_to_mlflow(p, metrics)
-
-
-def _flat(prefix: str, doc: dict) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in doc.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flat(key, v))
-        elif not isinstance(v, (list, tuple)):
-            out[key] = v
-    return out
-
-
-def log_to_mlflow(p: dict[str, Any], metrics: dict) -> str | None:
-    """Log params, per-epoch and final metrics and the bundle to MLflow; a no-op unless a
-    tracking URI is configured (train.mlflow_tracking_uri or MLFLOW_TRACKING_URI). Returns the
-    run id. Training never fails because of tracking: problems are logged as warnings."""
-    import logging
-
-    log = logging.getLogger("dl_pipeline.train")
-    uri = p.get("mlflow_tracking_uri")
-    if not uri:
-        return None
-    try:
-        import mlflow
-    except ImportError:
-        log.warning("MLflow tracking URI %s is set but mlflow is not installed; skipping MLflow logging", uri)
-        return None
-    try:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(p["mlflow_experiment"])
-        with mlflow.start_run() as run:
-            params = _flat("", {k: p["config"][k] for k in ("model", "train", "features", "hogwild") if k in p.get("config", {})})
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-            for h in metrics["history"]:
-                mlflow.log_metrics({k: float(v) for k, v in h.items() if k not in ("type", "epoch", "step")}, step=h["step"])
-            final = {f"final_{s}_{k}": float(v) for s in ("val", "test") for k, v in (metrics[s] or {}).items() if v is not None}
-            mlflow.log_metrics(final)
-            mlflow.log_artifacts(os.path.join(p["run_dir"], "model"), artifact_path="model")
-            return run.info.run_id
-    except Exception as exc:  # tracking server down, auth, ...: the model is already saved
-        log.warning("MLflow logging to %s failed: %s", uri, exc)
-        return None
+def load_best(run_dir: str, model) -> bool:
+    """Load best.safetensors into ``model`` if it exists; returns whether it did."""
+    path = _path(run_dir, BEST)
+    if not os.path.exists(path):
+        return False
+    tensors, _ = _read(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return True

@@ -1,68 +1,202 @@
-"""Reading a rank's Petastorm shard as batches of tensors (executor-side code)."""
+"""A rank's shard as batches of tensors, with no Python work per row (executor-side code).
+
+Petastorm's columnar reader (``make_batch_reader``) hands back one whole row group at a time
+as numpy arrays (the shards are plain Parquet with fixed-length list columns, see
+``dataset.py``): ``tokens`` [rows, T] int32, ``chars`` [rows, L] uint8, ``image`` [rows, H*W*C]
+uint8. From there every step works on whole arrays:
+
+  * a seeded shuffle across a pool of at least ``shuffle_buffer`` rows (several row groups,
+    whose order Petastorm also shuffles per epoch), then fixed-size batches by fancy indexing;
+  * the model's inputs built per batch (fastText: the real ids and offsets, no padding);
+  * all of it in a background thread, a few batches ahead, so a step never waits, and on CUDA
+    into pinned memory, so the copy to the device is asynchronous.
+
+Training streams are endless (Petastorm's ``num_epochs=None``): the loop takes exactly
+``steps_per_epoch`` batches, so a rank with a smaller shard wraps around and every rank runs
+the same number of steps (an allreduce never waits for a rank that ran out). Each epoch opens
+its own stream, seeded by (seed, shard, epoch): with one reader thread the batches of an epoch
+are the same on every run, which is what makes a resumed run equal an uninterrupted one.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator
+import contextlib
+import queue
+import threading
+import warnings
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-
-def _reader(url: str, fields: list[str], shard: int, shards: int, epochs: int | None, seed: int, workers: int, shuffle: bool):
-    from petastorm import make_reader
-
-    return make_reader(
-        url,
-        schema_fields=fields,
-        cur_shard=shard,
-        shard_count=shards,
-        num_epochs=epochs,
-        shuffle_row_groups=shuffle,
-        seed=seed,
-        reader_pool_type="thread",
-        workers_count=workers,
-    )
+PREFETCH_BATCHES = 4
 
 
-def _batches_from_rows(rows, fields: list[str], batch_size: int, buffer: int, rng: np.random.Generator | None) -> Iterator[dict]:
-    """Rows -> dict batches of numpy arrays; a shuffling buffer mixes rows across row groups."""
-    pool: list = []
-    for row in rows:
-        pool.append(row)
-        if len(pool) >= max(buffer, batch_size):
-            if rng is not None:
-                picks = rng.choice(len(pool), size=batch_size, replace=False)
-                chosen = [pool[i] for i in picks]
-                for i in sorted(picks, reverse=True):
-                    pool[i] = pool[-1]
-                    pool.pop()
-            else:
-                chosen, pool = pool[:batch_size], pool[batch_size:]
-            yield {f: np.stack([getattr(r, f) for r in chosen]) for f in fields}
-    if rng is not None:
-        rng.shuffle(pool)
-    for i in range(0, len(pool), batch_size):
-        chunk = pool[i : i + batch_size]
-        yield {f: np.stack([getattr(r, f) for r in chunk]) for f in fields}
+@contextlib.contextmanager
+def row_groups(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
+               epochs: int | None, seed: int, shuffle: bool, workers: int) -> Iterator[Iterator[dict[str, np.ndarray]]]:
+    """Petastorm ``make_batch_reader`` over the row groups ``shard`` of ``shards`` owns; yields an
+    iterator of {column: array [rows, *shape]}, one per row group. The reader is stopped on exit."""
+    from petastorm import make_batch_reader
+
+    columns = list(columns)
+    with warnings.catch_warnings():
+        # petastorm 0.12 opens the dataset with pyarrow's legacy ParquetDataset (deprecated in 14)
+        warnings.simplefilter("ignore", FutureWarning)
+        reader = make_batch_reader(
+            url, schema_fields=columns, cur_shard=shard, shard_count=shards, num_epochs=epochs,
+            shuffle_row_groups=shuffle, seed=seed, reader_pool_type="thread", workers_count=workers,
+        )
+    with reader:
+        yield ({c: _shaped(getattr(batch, c), shapes.get(c, [])) for c in columns} for batch in reader)
 
 
-def _to_torch(batches):
+def _shaped(values: np.ndarray, shape: list[int]) -> np.ndarray:
+    """A column as Petastorm returns it -> [rows, *shape] (lists come back [rows, width])."""
+    if values.dtype == object:  # a list column whose rows differ in length: not a shard of ours
+        raise ValueError("a feature column holds rows of different lengths; re-run `dl-pipeline prepare`")
+    return values.reshape(len(values), *shape) if shape else values
+
+
+def shuffled_batches(groups: Iterable[dict[str, np.ndarray]], batch_size: int, buffer_rows: int,
+                     rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    """Row groups -> batches of exactly ``batch_size`` rows, shuffled across a pool of at least
+    ``buffer_rows`` rows: the pool is permuted as a whole and cut into batches; the rows left
+    over (< batch_size) start the next pool. A finite input's last rows (< one batch) are dropped."""
+    pool: list[dict[str, np.ndarray]] = []
+    rows = 0
+    for group in groups:
+        pool.append(group)
+        rows += len(group["label"])
+        if rows < max(buffer_rows, batch_size):
+            continue
+        merged = {k: np.concatenate([p[k] for p in pool]) for k in pool[0]} if len(pool) > 1 else pool[0]
+        order = rng.permutation(rows)
+        full = rows - rows % batch_size
+        for start in range(0, full, batch_size):
+            idx = order[start : start + batch_size]
+            yield {k: v[idx] for k, v in merged.items()}
+        rest = order[full:]
+        pool, rows = [{k: v[rest] for k, v in merged.items()}], len(rest)
+
+
+def ordered_batches(groups: Iterable[dict[str, np.ndarray]], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Row groups -> batches of at most ``batch_size`` rows, in order, every row once (evaluation)."""
+    for group in groups:
+        n = len(group["label"])
+        for start in range(0, n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in group.items()}
+
+
+def to_tensors(batch: dict[str, np.ndarray], pin: bool = False) -> dict[str, Any]:
+    """numpy columns -> the model's input tensors: ``label`` int64 [B]; ``tokens`` with
+    ``length`` -> ``token_ids`` + ``token_offsets`` (models.bag_inputs); others as stored."""
     import torch
 
-    for b in batches:
-        yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
+    from dl_pipeline.models import bag_inputs
+
+    out = {"label": torch.from_numpy(batch["label"].astype(np.int64))}
+    if "tokens" in batch and "length" in batch:
+        out.update(bag_inputs(torch.from_numpy(batch["tokens"]), torch.from_numpy(batch["length"])))
+    for name, arr in batch.items():
+        if name not in ("label", "tokens", "length"):
+            out[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    if pin:
+        out = {k: v.pin_memory() for k, v in out.items()}
+    return out
 
 
-def train_batches(url: str, feature: str, shard: int, shards: int, batch_size: int, seed: int, workers: int, buffer: int):
-    """Endless shuffled batches from one shard: the caller takes exactly N per epoch, so a
-    rank with a smaller shard simply wraps around and every rank runs the same step count."""
-    fields = ["label", feature]
-    reader = _reader(url, fields, shard, shards, None, seed, workers, True)
-    rng = np.random.default_rng(seed)
-    return reader, _to_torch(_batches_from_rows(reader, fields, batch_size, buffer, rng))
+class Prefetcher:
+    """Runs an iterator in a background thread, up to ``depth`` items ahead.
+
+    numpy's and torch's kernels release the GIL, so preparing the next batches overlaps the
+    model step. An exception in the thread is raised by ``next``; ``close`` stops the thread
+    (the stream below it can then be closed safely).
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterator[Any], depth: int = PREFETCH_BATCHES):
+        self._items = items
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dl-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(_Failure(exc))
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(self._END)  # later calls stop too
+            raise StopIteration
+        if isinstance(item, _Failure):
+            raise item.exc
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
 
 
-def eval_batches(url: str, feature: str, shard: int, shards: int, batch_size: int, workers: int):
-    """One pass over a shard, in order: a context manager yielding batches."""
-    fields = ["label", feature]
-    reader = _reader(url, fields, shard, shards, 1, 0, workers, False)
-    return reader, _to_torch(_batches_from_rows(reader, fields, batch_size, 0, None))
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+def stream_seed(seed: int, shard: int, epoch: int) -> int:
+    """Petastorm's and the shuffle's seed for one shard's epoch (an int below 2**31)."""
+    return (seed * 1_000_003 + shard * 7_919 + epoch * 104_729) % (2**31 - 1)
+
+
+@contextlib.contextmanager
+def train_stream(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
+                 epoch: int, seed: int, batch_size: int, buffer_rows: int, workers: int, pin: bool = False,
+                 skip: int = 0) -> Iterator[Iterator[dict[str, Any]]]:
+    """One epoch's endless stream of shuffled training batches for ``shard`` of ``shards``;
+    ``skip`` batches are dropped first (a resume in the middle of the epoch)."""
+    s = stream_seed(seed, shard, epoch)
+    with row_groups(url, columns, shapes, shard, shards, epochs=None, seed=s, shuffle=True, workers=workers) as groups:
+        batches = shuffled_batches(groups, batch_size, buffer_rows, np.random.default_rng(s))
+        for _ in range(skip):
+            next(batches)
+        feed = Prefetcher(to_tensors(b, pin) for b in batches)
+        try:
+            yield feed
+        finally:
+            feed.close()
+
+
+@contextlib.contextmanager
+def eval_stream(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
+                batch_size: int, workers: int, pin: bool = False) -> Iterator[Iterator[dict[str, Any]]]:
+    """One pass over ``shard`` of ``shards`` in order, as batches of tensors."""
+    with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=0, shuffle=False, workers=workers) as groups:
+        feed = Prefetcher(to_tensors(b, pin) for b in ordered_batches(groups, batch_size))
+        try:
+            yield feed
+        finally:
+            feed.close()

@@ -5,6 +5,7 @@ Shapes: batches are dicts of tensors with a leading batch dimension B; ``label``
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable, Iterator
@@ -19,11 +20,24 @@ class NonFiniteLoss(RuntimeError):
         self.step = step
 
 
-def lr_at(step: int, base_lr: float, peak_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up from base to peak (Goyal et al. 2017), then constant."""
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return peak_lr
-    return base_lr + (peak_lr - base_lr) * step / warmup_steps
+def lr_at(step: int, *, base: float, peak: float, warmup: int, total: int, schedule: str) -> float:
+    """The learning rate of global step ``step`` (0-based) of ``total``: a linear warm-up from
+    ``base`` to ``peak`` over ``warmup`` steps (Goyal et al. 2017), then ``constant``, a
+    ``linear`` decay towards 0 at the last step (fastText's own schedule) or a ``cosine`` one."""
+    if step < warmup:
+        return base + (peak - base) * step / warmup
+    if schedule == "constant":
+        return peak
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return peak * max(1.0 - frac, 1e-3)
+    return peak * max(0.5 * (1.0 + math.cos(math.pi * frac)), 1e-3)
+
+
+def schedule_of(spec) -> Callable[[int], float]:
+    """A RankSpec's LR schedule as a function of the global step."""
+    return functools.partial(lr_at, base=spec.base_lr, peak=spec.peak_lr, warmup=spec.warmup_steps,
+                             total=spec.total_steps, schedule=spec.lr_schedule)
 
 
 def train_one_epoch(
@@ -34,23 +48,26 @@ def train_one_epoch(
     first_step: int,
     lr_for_step: Callable[[int], float],
     device: torch.device,
-    on_step: Callable[[int, float, float, int], None] | None = None,
+    on_step: Callable[[int, int, float, float, int], None] | None = None,
+    step_stride: int = 1,
 ) -> dict[str, float]:
     """Run exactly ``steps`` optimizer steps from ``batches``; returns loss and timing sums.
 
-    ``first_step`` is the global step number of the first step (for LR schedule and logging).
+    ``first_step`` is the global step number of the first step (for LR schedule and logging);
+    a Hogwild worker, one of ``step_stride`` sharing the steps, advances it by the stride.
+    ``on_step(done, 1, loss, lr, rows)`` follows each step (``done``: global steps completed).
     ``data_s`` is time spent waiting for the next batch, ``step_s`` the whole step time.
     """
     model.train()
     total_loss, samples, data_s, t_start = 0.0, 0, 0.0, time.perf_counter()
     for i in range(steps):
-        step = first_step + i
+        step = first_step + i * step_stride
         t0 = time.perf_counter()
         batch = next(batches)
         data_s += time.perf_counter() - t0
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         for group in optimizer.param_groups:
-            group["lr"] = lr_for_step(step)
+            group["lr"] = lr_for_step(step) * group.get("lr_scale", 1.0)
         optimizer.zero_grad()  # set_to_none is the default; Horovod's wrapper takes no arguments
         loss = F.cross_entropy(model(batch), batch["label"].long())
         value = float(loss.detach())
@@ -62,7 +79,7 @@ def train_one_epoch(
         total_loss += value * n
         samples += n
         if on_step is not None:
-            on_step(step, value, optimizer.param_groups[0]["lr"], n)
+            on_step(step + 1, 1, value, optimizer.param_groups[0]["lr"], n)
     return {"loss_sum": total_loss, "samples": samples, "data_s": data_s, "step_s": time.perf_counter() - t_start}
 
 

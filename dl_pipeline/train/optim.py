@@ -52,3 +52,31 @@ class MixedAdam(torch.optim.Optimizer):
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 p.addcdiv_(m, v.sqrt().add_(group["eps"] * math.sqrt(bc2)), value=-step_size)
         return loss
+
+
+def sparse_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters that get sparse gradients (``sparse=True`` embeddings)."""
+    out = set()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse:
+            out.update(id(p) for p in m.parameters(recurse=False))
+    return out
+
+
+def build_optimizer(spec, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer a RankSpec names, over ``model``'s parameters.
+
+    ``sgd``: plain SGD on sparse embeddings (fastText's own optimizer: each step touches only
+    the rows a batch used; a momentum buffer would make it dense), ``spec.momentum`` and weight
+    decay on the dense rest. ``adam``: MixedAdam (lazy updates of touched embedding rows).
+    """
+    if spec.optimizer == "adam":
+        return MixedAdam(model.parameters(), lr=spec.peak_lr, weight_decay=spec.weight_decay)
+    sparse = sparse_parameters(model)
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in sparse], "momentum": 0.0, "weight_decay": 0.0,
+         "lr_scale": float(__import__("os").environ.get("EMB_SCALE", "1"))},
+        {"params": [p for p in model.parameters() if id(p) not in sparse]},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=spec.peak_lr, momentum=spec.momentum, weight_decay=spec.weight_decay)

@@ -1,0 +1,61 @@
+"""Launchers (driver-side): start the ranks of one RankSpec and return rank 0's metrics.
+
+  * ``spark``      ``horovod.spark.run`` runs one rank per Spark task (Gloo on CPU, NCCL on GPU);
+  * ``horovodrun`` ``horovodrun --gloo -np N -H ...`` on plain hosts;
+  * ``local``      one in-process rank, no Horovod (debugging, and the 1-rank benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from dl_pipeline.config import Config
+from dl_pipeline.train.spec import RankSpec
+
+
+def launch_local(spec: RankSpec, cfg: Config, n: int, spark) -> dict[str, Any]:
+    from dl_pipeline.train.epochs import run_rank
+
+    return run_rank(spec)
+
+
+def launch_spark(spec: RankSpec, cfg: Config, n: int, spark) -> dict[str, Any]:
+    import horovod.spark
+
+    from dl_pipeline.train.epochs import run_rank
+
+    master = spark.sparkContext.master
+    nics = set(cfg.horovod.nics) or ({"lo"} if master.startswith("local") else None)
+    results = horovod.spark.run(
+        run_rank, args=(spec,), num_proc=n, start_timeout=cfg.horovod.start_timeout_s, use_gloo=True,
+        verbose=cfg.horovod.verbose, nics=nics, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    return next(r for r in results if r is not None)
+
+
+def launch_horovodrun(spec: RankSpec, cfg: Config, n: int, spark) -> dict[str, Any]:
+    hosts = cfg.horovod.hosts or f"localhost:{n}"
+    with tempfile.TemporaryDirectory(prefix="dl-train-") as tmp:
+        sfile, rfile = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
+        with open(sfile, "w") as fh:
+            fh.write(spec.to_json())
+        horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+        cmd = [horovodrun, "--gloo", "-np", str(n), "-H", hosts, "--start-timeout", str(cfg.horovod.start_timeout_s)]
+        if cfg.horovod.nics:
+            cmd += ["--network-interface", ",".join(cfg.horovod.nics)]
+        elif hosts.startswith("localhost"):
+            cmd += ["--network-interface", "lo"]
+        cmd += [sys.executable, "-m", "dl_pipeline.train.epochs", sfile, rfile]
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0:
+            raise RuntimeError(f"horovodrun exited with status {proc.returncode}")
+        with open(rfile) as fh:
+            return json.load(fh)
+
+
+LAUNCHERS = {"local": launch_local, "spark": launch_spark, "horovodrun": launch_horovodrun}

@@ -1,0 +1,46 @@
+"""One training recipe per model: what ``train.*`` keys left at "auto" resolve to.
+
+A recipe is chosen for throughput as well as accuracy (figures in bench/README.md). fastText
+trains as fastText does: plain SGD on the sparse embedding (each step updates only the rows its
+batch used, no optimizer state to gather and scatter), a short warm-up and a linear decay of the
+LR to 0 over the run. The CNNs keep Adam at a constant LR after warm-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    optimizer: str
+    lr: float  # per rank; x world size when train.scale_lr
+    batch_size: int  # per rank
+    lr_schedule: str
+    momentum: float
+    warmup_epochs: float
+
+
+RECIPES = {
+    "fasttext": Recipe(optimizer="sgd", lr=0.5, batch_size=256, lr_schedule="linear", momentum=0.0, warmup_epochs=0.1),
+    "char_cnn": Recipe(optimizer="adam", lr=0.001, batch_size=64, lr_schedule="constant", momentum=0.9, warmup_epochs=0.5),
+    "cnn": Recipe(optimizer="adam", lr=0.001, batch_size=64, lr_schedule="constant", momentum=0.9, warmup_epochs=0.5),
+}
+
+
+# The LR when train.optimizer names another optimizer than the recipe's and train.lr is unset.
+DEFAULT_LR = {"sgd": 0.1, "adam": 0.001}
+
+
+def resolve(model: str, train) -> Recipe:
+    """The recipe for ``model`` with every key the user set in ``train`` (a TrainConfig) applied."""
+    r = RECIPES[model]
+    optimizer = r.optimizer if train.optimizer == "auto" else train.optimizer
+    return Recipe(
+        optimizer=optimizer,
+        lr=train.lr or (r.lr if optimizer == r.optimizer else DEFAULT_LR[optimizer]),
+        batch_size=train.batch_size or r.batch_size,
+        lr_schedule=r.lr_schedule if train.lr_schedule == "auto" else train.lr_schedule,
+        momentum=r.momentum if train.momentum < 0 else train.momentum,
+        warmup_epochs=r.warmup_epochs if train.warmup_epochs < 0 else train.warmup_epochs,
+    )
