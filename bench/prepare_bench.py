@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from common import cpu_delta, emit, machine, peak_rss_mb, resampled_ag_news, spark_cpu_seconds
 
 from dl_pipeline.config import SparkConfig, load_config
-from dl_pipeline.features import clean_record, featurize_texts, ndarray_codec_array, text_spec
+from dl_pipeline.features import clean_record, featurize_texts, list_array, text_spec
 from dl_pipeline.prepare import prepare_dataset
 from dl_pipeline.sources import parse_zhang_line
 from dl_pipeline.spark import get_spark
@@ -50,8 +50,8 @@ def single_process(path: str, out: str, cfg) -> tuple[float, float]:
         feats = featurize_texts(texts[s : s + 8192], spec)
         table = pa.table({
             "label": np.asarray(labels[s : s + 8192], np.int32),
-            "chars": ndarray_codec_array(feats["chars"]),
-            "tokens": ndarray_codec_array(feats["tokens"]),
+            "chars": list_array(feats["chars"]),
+            "tokens": list_array(feats["tokens"]),
             "length": feats["length"],
         })
         # The writer settings of the Spark job's shards (dataset.write_row_group): a fair peer.

@@ -78,3 +78,22 @@ def ag_model(ag_prepared, tmp_path_factory):
     run = tmp_path_factory.mktemp("ag_run")
     cfg = replace(cfg, train={"launcher": "local", "epochs": 2, "run_dir": str(run)})
     return cfg, train_model(cfg)
+
+
+def read_split(root, split, columns=None, shard=0, shards=1):
+    """{column: array [rows, *shape]} of one prepared split, read the way training reads it:
+    Petastorm's ``make_batch_reader`` over the shard's row groups, in file order."""
+    import numpy as np
+
+    from dl_pipeline import dataset
+    from dl_pipeline.train.data import row_groups
+
+    schema = dataset.read_manifest(str(root))["schema"]
+    columns = list(columns or schema)
+    shapes = {c: schema[c]["shape"] for c in columns}
+    url = dataset.split_url(str(root), split)
+    with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=0, shuffle=False, workers=1) as groups:
+        parts = list(groups)
+    if not parts:
+        return {c: np.zeros((0,)) for c in columns}
+    return {c: np.concatenate([p[c] for p in parts]) for c in columns}

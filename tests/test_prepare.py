@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import AG_TEST, AG_TRAIN, SAMPLE, shard_digests
+from conftest import AG_TEST, AG_TRAIN, SAMPLE, read_split, shard_digests
 from dl_pipeline.config import load_config
 from dl_pipeline.errors import UserError
 from dl_pipeline.prepare import prepare_dataset
@@ -89,14 +89,13 @@ def test_rejects_table_names_file_row_and_reason(bad_run):
 
 
 def test_petastorm_rows_hold_features_of_clean_rows(bad_run):
-    from petastorm import make_reader
-
     tmp, manifest = bad_run
-    with make_reader(f"file://{tmp}/out/train", num_epochs=1, shuffle_row_groups=False) as reader:
-        rows = list(reader)
-    assert len(rows) == 6
-    assert sorted(int(r.label) for r in rows) == [0, 1, 1, 2, 2, 3]
-    assert all(r.chars.shape == (1014,) and r.tokens.shape == (256,) and r.length > 0 for r in rows)
+    rows = read_split(tmp / "out", "train")
+    assert len(rows["label"]) == 6
+    assert sorted(rows["label"].tolist()) == [0, 1, 1, 2, 2, 3]
+    assert rows["chars"].shape == (6, 1014) and rows["tokens"].shape == (6, 256) and (rows["length"] > 0).all()
+    # real ids first, then 0 padding: exactly ``length`` non-zero ids per row
+    assert ((rows["tokens"] != 0).sum(axis=1) == rows["length"]).all()
     train = manifest["splits"]["train"]
     # 6 rows hashed into 2 groups: both used here, one file each, footers match the manifest
     assert train["row_groups"] == 2 and sum(train["rows_per_row_group"]) == 6
@@ -107,8 +106,6 @@ def test_petastorm_rows_hold_features_of_clean_rows(bad_run):
 
 
 def test_ag_sample_counts_match_csv_records_and_shards_are_balanced(ag_prepared):
-    from petastorm import make_reader
-
     cfg, manifest = ag_prepared
     records = 0
     for path in (AG_TRAIN, AG_TEST):
@@ -125,11 +122,8 @@ def test_ag_sample_counts_match_csv_records_and_shards_are_balanced(ag_prepared)
     mean = train["rows"] / train["row_groups"]
     assert all(abs(n - mean) <= 0.2 * mean for n in train["rows_per_row_group"]), train["rows_per_row_group"]
 
-    url = f"file://{cfg.prepare.output_path}/train"
-    shards = []
-    for shard in range(2):
-        with make_reader(url, schema_fields=["row_id", "label"], cur_shard=shard, shard_count=2, num_epochs=1) as r:
-            shards.append([row.row_id for row in r])
+    shards = [read_split(cfg.prepare.output_path, "train", ["row_id", "label"], shard, 2)["row_id"].tolist()
+              for shard in range(2)]
     a, b = set(shards[0]), set(shards[1])
     assert not a & b, "shards overlap"
     assert len(a) + len(b) == train["rows"] == len(shards[0]) + len(shards[1])
@@ -231,8 +225,6 @@ def test_retried_tasks_give_the_same_shards(ag_prepared, tmp_path):
 
 
 def test_idx_decoding_is_exact(spark, tmp_path):
-    from petastorm import make_reader
-
     from dl_pipeline.sources import parse_idx
 
     images = os.path.join(SAMPLE, "fashion_mnist", "t10k-images-idx3-ubyte.gz")
@@ -254,11 +246,11 @@ def test_idx_decoding_is_exact(spark, tmp_path):
         by_bytes.setdefault(img.tobytes(), set()).add(int(lab))
     seen = 0
     for split in ("train", "val", "test"):
-        with make_reader(f"file://{tmp_path}/fm/{split}", num_epochs=1) as reader:
-            for row in reader:
-                assert row.image.shape == (28, 28, 1) and row.image.dtype == np.uint8
-                assert int(row.label) in by_bytes[row.image[:, :, 0].tobytes()]
-                seen += 1
+        rows = read_split(tmp_path / "fm", split, ["image", "label"])
+        assert rows["image"].shape[1:] == (28, 28, 1) and rows["image"].dtype == np.uint8
+        for image, label in zip(rows["image"], rows["label"], strict=True):
+            assert int(label) in by_bytes[image[:, :, 0].tobytes()]
+            seen += 1
     assert seen == c["clean_rows"] == 4443 - c["duplicate_rows"]
     assert c["splits"]["test"] > 0.15 * 4443
 

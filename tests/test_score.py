@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import AG_TEST, ROOT, SAMPLE
+from conftest import AG_TEST, ROOT, SAMPLE, read_split
 from dl_pipeline.config import replace
 from dl_pipeline.features import clean_record, featurize_texts
 from dl_pipeline.score import INJECT_FAILURE_CONF, predict_texts, score_batch
@@ -59,11 +59,9 @@ def test_predictions_equal_in_process_predictions(scored):
 
 def test_features_are_identical_in_prepare_and_score(ag_prepared):
     """Train/serve parity: the test split's stored tokens equal the score path's features."""
-    from petastorm import make_reader
-
     cfg, manifest = ag_prepared
-    with make_reader(f"file://{cfg.prepare.output_path}/test", schema_fields=["tokens", "chars"], num_epochs=1) as r:
-        stored = sorted((row.tokens.tobytes(), row.chars.tobytes()) for row in r)
+    split = read_split(cfg.prepare.output_path, "test", ["tokens", "chars"])
+    stored = sorted((t.tobytes(), c.tobytes()) for t, c in zip(split["tokens"], split["chars"], strict=True))
     texts = [clean_record(parts, ". ") for _, parts, _ in _ag_test_rows()]
     feats = featurize_texts(texts, manifest["featurizer"])
     computed = sorted((t.tobytes(), c.tobytes()) for t, c in zip(feats["tokens"], feats["chars"], strict=False))
@@ -379,7 +377,6 @@ def test_image_features_are_identical_in_prepare_and_score(spark, tmp_path):
     """Train/serve parity for images: pixels stored by prepare (image folder) equal the pixels
     score feeds the model for the same files, including files resized to the spec."""
     import pandas as pd
-    from petastorm import make_reader
 
     from dl_pipeline.config import load_config
     from dl_pipeline.features import image_spec
@@ -398,8 +395,9 @@ def test_image_features_are_identical_in_prepare_and_score(spark, tmp_path):
                              "shard.row_groups_per_worker=1", "shard.val_fraction=0", "shard.test_fraction=0"])
     manifest = prepare_dataset(spark, cfg)
     assert manifest["counts"]["clean_rows"] == 12
-    with make_reader(f"file://{tmp_path}/out/train", num_epochs=1) as reader:
-        stored = sorted(row.image.tobytes() for row in reader)
+    images = read_split(tmp_path / "out", "train", ["image"])["image"]
+    assert images.shape == (12, 28, 28, 1) and images.dtype == np.uint8
+    stored = sorted(img.tobytes() for img in images)
     reasons, feats = _image_batch(pd.DataFrame({"content": list(blobs.values()), "reason": [None] * 12}), image_spec(cfg.data))
     assert reasons == [None] * 12 and feats["image"].shape == (12, 28, 28, 1)
     assert sorted(img.tobytes() for img in feats["image"]) == stored

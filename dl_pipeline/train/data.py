@@ -14,8 +14,10 @@ uint8. From there every step works on whole arrays:
 Training streams are endless (Petastorm's ``num_epochs=None``): the loop takes exactly
 ``steps_per_epoch`` batches, so a rank with a smaller shard wraps around and every rank runs
 the same number of steps (an allreduce never waits for a rank that ran out). Each epoch opens
-its own stream, seeded by (seed, shard, epoch): with one reader thread the batches of an epoch
-are the same on every run, which is what makes a resumed run equal an uninterrupted one.
+its own reader, seeded by (seed, shard, epoch): with one reader thread the batches of an epoch
+are the same on every run, which is what makes a resumed run equal an uninterrupted one. The
+epochs run back to back in one background thread, so the next epoch's reader is open and its
+pool full before the current epoch's evaluation ends.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import contextlib
 import queue
 import threading
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -106,11 +108,11 @@ def to_tensors(batch: dict[str, np.ndarray], pin: bool = False) -> dict[str, Any
 
 
 class Prefetcher:
-    """Runs an iterator in a background thread, up to ``depth`` items ahead.
+    """Runs a generator in a background thread, up to ``depth`` items ahead.
 
     numpy's and torch's kernels release the GIL, so preparing the next batches overlaps the
     model step. An exception in the thread is raised by ``next``; ``close`` stops the thread
-    (the stream below it can then be closed safely).
+    and closes the generator there (which stops the readers it holds open).
     """
 
     _END = object()
@@ -139,6 +141,10 @@ class Prefetcher:
             self._put(self._END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             self._put(_Failure(exc))
+        finally:
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
 
     def __iter__(self) -> Prefetcher:
         return self
@@ -172,31 +178,56 @@ def stream_seed(seed: int, shard: int, epoch: int) -> int:
     return (seed * 1_000_003 + shard * 7_919 + epoch * 104_729) % (2**31 - 1)
 
 
-@contextlib.contextmanager
-def train_stream(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
-                 epoch: int, seed: int, batch_size: int, buffer_rows: int, workers: int, pin: bool = False,
-                 skip: int = 0) -> Iterator[Iterator[dict[str, Any]]]:
-    """One epoch's endless stream of shuffled training batches for ``shard`` of ``shards``;
-    ``skip`` batches are dropped first (a resume in the middle of the epoch)."""
+def epoch_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
+                  epoch: int, seed: int, batch_size: int, buffer_rows: int, workers: int, steps: int,
+                  skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches ``skip`` .. ``steps - 1`` of one epoch of ``shard``: an endless, seeded stream
+    (a small shard wraps around) cut to the epoch's fixed step count; the reader stops after."""
     s = stream_seed(seed, shard, epoch)
     with row_groups(url, columns, shapes, shard, shards, epochs=None, seed=s, shuffle=True, workers=workers) as groups:
         batches = shuffled_batches(groups, batch_size, buffer_rows, np.random.default_rng(s))
         for _ in range(skip):
             next(batches)
-        feed = Prefetcher(to_tensors(b, pin) for b in batches)
-        try:
-            yield feed
-        finally:
-            feed.close()
+        for _ in range(steps - skip):
+            yield next(batches)
+
+
+@contextlib.contextmanager
+def train_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
+                  first_epoch: int, epochs: int, steps_per_epoch: Callable[[int], int], seed: int, batch_size: int,
+                  buffer_rows: int, workers: int, pin: bool = False, skip: int = 0) -> Iterator[Iterator[dict[str, Any]]]:
+    """The training batches (tensors) of epochs ``first_epoch`` .. ``epochs - 1`` back to back,
+    ``steps_per_epoch(epoch)`` of each, made in one background thread: the next epoch's reader
+    opens and fills its shuffle pool while this epoch ends and the model is evaluated, so no
+    epoch starts with a wait. ``skip`` batches of the first epoch were trained before a resume.
+    Each epoch's batches depend only on (seed, shard, epoch), never on where a run started."""
+
+    def batches():
+        for epoch in range(first_epoch, epochs):
+            for batch in epoch_batches(url, columns, shapes, shard, shards, epoch=epoch, seed=seed, batch_size=batch_size,
+                                       buffer_rows=buffer_rows, workers=workers, steps=steps_per_epoch(epoch),
+                                       skip=skip if epoch == first_epoch else 0):
+                yield to_tensors(batch, pin)
+
+    feed = Prefetcher(batches())
+    try:
+        yield feed
+    finally:
+        feed.close()
 
 
 @contextlib.contextmanager
 def eval_stream(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
                 batch_size: int, workers: int, pin: bool = False) -> Iterator[Iterator[dict[str, Any]]]:
     """One pass over ``shard`` of ``shards`` in order, as batches of tensors."""
-    with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=0, shuffle=False, workers=workers) as groups:
-        feed = Prefetcher(to_tensors(b, pin) for b in ordered_batches(groups, batch_size))
-        try:
-            yield feed
-        finally:
-            feed.close()
+
+    def batches():
+        with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=0, shuffle=False, workers=workers) as groups:
+            for batch in ordered_batches(groups, batch_size):
+                yield to_tensors(batch, pin)
+
+    feed = Prefetcher(batches())
+    try:
+        yield feed
+    finally:
+        feed.close()

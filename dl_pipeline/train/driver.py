@@ -73,6 +73,7 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
     spec = model_spec(cfg.model.name, manifest["featurizer"], manifest["num_classes"], cfg.model.embed_dim,
                       cfg.model.char_cnn_size, cfg.model.dropout, cfg.model.sparse_embeddings)
     peak = r.lr * (world_size if t.scale_lr else 1)
+    readers = world_size * (cfg.hogwild.workers if t.mode == "hogwild" else 1)
     return RankSpec(
         data_url=fsutil.to_url(t.data_path).rstrip("/"),
         run_dir=fsutil.local_path(t.run_dir) or t.run_dir,
@@ -102,7 +103,8 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
         progress=t.progress,
         resume=t.resume,
         reader_workers=t.reader_workers,
-        shuffle_buffer=t.shuffle_buffer,
+        # A pool larger than the reader's whole shard would only hold rows of the next pass.
+        shuffle_buffer=min(t.shuffle_buffer, max(r.batch_size, -(-splits["train"]["rows"] // readers))),
         device=t.device,
         mode=t.mode,
         hogwild_workers=cfg.hogwild.workers,

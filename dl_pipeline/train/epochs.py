@@ -13,9 +13,11 @@ stopping. Rank 0 alone logs and writes; every rank's data seed is ``seed + rank`
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -49,22 +51,30 @@ class SyncSteps:
         self.spec, self.model, self.comm, self.device = spec, model, comm, device
         self.optimizer = comm.distributed_optimizer(build_optimizer(spec, model), model, spec.fp16_allreduce)
 
-    def start(self) -> None:
-        pass
+    def start(self, first_epoch: int, skip: int) -> None:
+        """Open the batch feed at ``first_epoch``, ``skip`` steps in (a mid-epoch resume)."""
+        import contextlib
 
-    def run(self, epoch: int, first_step: int, steps: int, skip: int, on_step) -> dict[str, Any]:
-        from dl_pipeline.train.data import train_stream
-        from dl_pipeline.train.loop import schedule_of, train_one_epoch
+        from dl_pipeline.train.data import train_batches
 
         s, c = self.spec, self.comm
-        with train_stream(f"{s.data_url}/train", s.columns, s.shapes, c.rank, c.size, epoch=epoch, seed=s.seed,
-                          batch_size=s.batch_size, buffer_rows=s.shuffle_buffer, workers=s.reader_workers,
-                          pin=self.device.type == "cuda", skip=skip) as batches:
-            stats = train_one_epoch(self.model, self.optimizer, batches, steps, first_step, schedule_of(s), self.device, on_step)
+        self._stack = contextlib.ExitStack()
+        self.batches = self._stack.enter_context(train_batches(
+            f"{s.data_url}/train", s.columns, s.shapes, c.rank, c.size, first_epoch=first_epoch, epochs=s.epochs,
+            steps_per_epoch=lambda _: s.steps_per_epoch, seed=s.seed, batch_size=s.batch_size,
+            buffer_rows=s.shuffle_buffer, workers=s.reader_workers, pin=self.device.type == "cuda", skip=skip,
+        ))
+
+    def run(self, epoch: int, first_step: int, steps: int, on_step) -> dict[str, Any]:
+        from dl_pipeline.train.loop import schedule_of, train_one_epoch
+
+        stats = train_one_epoch(self.model, self.optimizer, self.batches, steps, first_step, schedule_of(self.spec),
+                                self.device, on_step)
         return {**stats, "steps": steps}
 
     def close(self) -> None:
-        pass
+        if hasattr(self, "_stack"):
+            self._stack.close()
 
 
 def evaluate_split(spec: RankSpec, split: str, model, comm, device) -> tuple[dict, Any]:
@@ -124,6 +134,10 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
     from dl_pipeline.train.loop import NonFiniteLoss
     from dl_pipeline.train.outputs import MetricsLog
 
+    # Petastorm pulls in pandas (~0.6 s of imports): done while Horovod starts and the model is
+    # built, not inside the first step's wait for data.
+    warm = threading.Thread(target=importlib.import_module, args=("petastorm",), daemon=True)
+    warm.start()
     comm = Comm(spec.use_horovod)
     if comm.is_root:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s rank0: %(message)s", stream=sys.stderr)
@@ -156,13 +170,13 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
 
     on_step = _StepLog(spec, comm, metrics_log, save_mid_epoch)
     steps = spec.steps_per_epoch
-    stepper.start()
+    in_epoch = state["global_step"] - state["epoch"] * steps  # > 0 only after a mid-epoch resume
+    stepper.start(state["epoch"], in_epoch)
     try:
         while state["epoch"] < spec.epochs:
             epoch = state["epoch"]
-            in_epoch = state["global_step"] - epoch * steps  # > 0 only right after a mid-epoch resume
             try:
-                stats = stepper.run(epoch, state["global_step"], steps - in_epoch, in_epoch, on_step)
+                stats = stepper.run(epoch, state["global_step"], (epoch + 1) * steps - state["global_step"], on_step)
             except NonFiniteLoss as exc:
                 if not comm.hvd and spec.mode == "sync":
                     raise UserError(str(exc)) from None

@@ -20,44 +20,49 @@ from typing import Any, Callable
 POLL_S = 1.0
 
 
-def _worker(w: int, rank: int, size: int, spec, model, commands, results) -> None:
-    """Worker ``w``: runs rounds of steps on the shared ``model`` until told to stop."""
-    import contextlib
+def worker_steps(steps: int, workers: int, w: int) -> int:
+    """How many of ``steps`` rank steps worker ``w`` runs when they are dealt out in rounds
+    (``HogwildSteps.run``): every full round gives each worker the same count, and the last
+    round's remainder goes to the lowest-numbered workers."""
+    return steps // workers + (w < steps % workers)
 
+
+def _worker(w: int, rank: int, size: int, spec, model, first_epoch: int, skip: int, commands, results) -> None:
+    """Worker ``w``: runs rounds of steps on the shared ``model`` until told to stop. Its
+    batches come from its own sub-shard, epochs back to back (data.train_batches)."""
     import numpy as np
     import torch
 
-    from dl_pipeline.train.data import train_stream
+    from dl_pipeline.train.data import train_batches
     from dl_pipeline.train.loop import schedule_of, train_one_epoch
     from dl_pipeline.train.optim import build_optimizer
 
     torch.set_num_threads(1)
-    workers = spec.hogwild_workers
+    workers, steps = spec.hogwild_workers, spec.steps_per_epoch
     shard = rank * workers + w
     torch.manual_seed(spec.seed + shard)
     np.random.seed(spec.seed + shard)
     optimizer = build_optimizer(spec, model)
     lr = schedule_of(spec)
-    stream, batches, epoch_open = contextlib.ExitStack(), None, None
-    try:
+    skipped = worker_steps(skip, workers, w)  # what this worker ran of the first epoch before a resume
+
+    def per_epoch(epoch: int) -> int:
+        if epoch == first_epoch:
+            return skipped + worker_steps(steps - skip, workers, w)
+        return worker_steps(steps, workers, w)
+
+    with train_batches(f"{spec.data_url}/train", spec.columns, spec.shapes, shard, size * workers,
+                       first_epoch=first_epoch, epochs=spec.epochs, steps_per_epoch=per_epoch, seed=spec.seed,
+                       batch_size=spec.batch_size, buffer_rows=spec.shuffle_buffer, workers=spec.reader_workers,
+                       skip=skipped) as batches:
         while True:
             cmd = commands.get()
             if cmd is None:
                 break
-            epoch, skip, first_step, n = cmd
-            if epoch != epoch_open:
-                stream.close()
-                batches = stream.enter_context(train_stream(
-                    f"{spec.data_url}/train", spec.columns, spec.shapes, shard, size * workers, epoch=epoch,
-                    seed=spec.seed, batch_size=spec.batch_size, buffer_rows=spec.shuffle_buffer,
-                    workers=spec.reader_workers, skip=skip,
-                ))
-                epoch_open = epoch
+            first_step, n = cmd
             stats = train_one_epoch(model, optimizer, batches, n, first_step + w, lr, torch.device("cpu"),
                                     step_stride=workers)
             results.put((w, stats))
-    finally:
-        stream.close()
 
 
 class HogwildSteps:
@@ -70,8 +75,9 @@ class HogwildSteps:
         self.optimizer = None  # each worker has its own; checkpoints hold the shared weights only
         self.procs: list = []
 
-    def start(self) -> None:
-        """Start the workers (after a resume has loaded the weights they share)."""
+    def start(self, first_epoch: int, skip: int) -> None:
+        """Start the workers at ``first_epoch``, ``skip`` steps in (after a resume has loaded
+        the weights they share)."""
         import torch.multiprocessing as mp
 
         self.model.share_memory()
@@ -79,7 +85,7 @@ class HogwildSteps:
         spec, rank, size = self.spec, self.comm.rank, self.comm.size
         self.commands = [ctx.Queue() for _ in range(spec.hogwild_workers)]
         self.results = ctx.Queue()
-        self.procs = [ctx.Process(target=_worker, args=(w, rank, size, spec, self.model, self.commands[w], self.results), daemon=True,
+        self.procs = [ctx.Process(target=_worker, args=(w, rank, size, spec, self.model, first_epoch, skip, self.commands[w], self.results), daemon=True,
                                   name=f"hogwild-{w}") for w in range(spec.hogwild_workers)]
         for proc in self.procs:
             proc.start()
@@ -97,9 +103,9 @@ class HogwildSteps:
                     raise RuntimeError(f"hogwild worker {i} of rank {self.comm.rank} died (exit code {code})") from None
         return [out[w] for w in sorted(out)]
 
-    def run(self, epoch: int, first_step: int, steps: int, skip: int, on_step: Callable | None) -> dict[str, Any]:
-        """``steps`` rank steps of ``epoch``, shared by the workers in rounds (global step
-        numbers ``first_step`` ...); ``skip`` steps of the epoch were done before a resume."""
+    def run(self, epoch: int, first_step: int, steps: int, on_step: Callable | None) -> dict[str, Any]:
+        """``steps`` rank steps of ``epoch`` (global step numbers ``first_step`` ...), dealt
+        to the workers in rounds of at most ``hogwild.sync_every`` steps each."""
         import torch
 
         workers, every = self.spec.hogwild_workers, self.spec.hogwild_sync_every
@@ -107,7 +113,7 @@ class HogwildSteps:
         while done < steps:
             ran = min(every * workers, steps - done)  # this round's steps, dealt to the workers
             for w, q in enumerate(self.commands):
-                q.put((epoch, skip // workers, first_step + done, ran // workers + (w < ran % workers)))
+                q.put((first_step + done, worker_steps(ran, workers, w)))
             round_stats = self._gather()
             with torch.no_grad():
                 for name, param in self.model.named_parameters():

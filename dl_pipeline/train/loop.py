@@ -67,7 +67,7 @@ def train_one_epoch(
         data_s += time.perf_counter() - t0
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         for group in optimizer.param_groups:
-            group["lr"] = lr_for_step(step) * group.get("lr_scale", 1.0)
+            group["lr"] = lr_for_step(step)
         optimizer.zero_grad()  # set_to_none is the default; Horovod's wrapper takes no arguments
         loss = F.cross_entropy(model(batch), batch["label"].long())
         value = float(loss.detach())

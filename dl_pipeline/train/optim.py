@@ -39,12 +39,12 @@ class MixedAdam(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 grad = p.grad
                 if grad.is_sparse:
-                    grad = grad.coalesce()
-                    idx, val = grad.indices()[0], grad.values()
-                    m_rows = m[idx].mul_(beta1).add_(val, alpha=1 - beta1)
-                    v_rows = v[idx].mul_(beta2).addcmul_(val, val, value=1 - beta2)
-                    m[idx], v[idx] = m_rows, v_rows
-                    p[idx] -= step_size * m_rows / (v_rows.sqrt().add_(group["eps"] * math.sqrt(bc2)))
+                    rows, summed = sparse_rows(grad)
+                    m_rows = m.index_select(0, rows).mul_(beta1).add_(summed, alpha=1 - beta1)
+                    v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(summed, summed, value=1 - beta2)
+                    m.index_copy_(0, rows, m_rows)
+                    v.index_copy_(0, rows, v_rows)
+                    p.index_add_(0, rows, m_rows / v_rows.sqrt_().add_(group["eps"] * math.sqrt(bc2)), alpha=-step_size)
                     continue
                 if group["weight_decay"]:
                     grad = grad.add(p, alpha=group["weight_decay"])
@@ -52,6 +52,18 @@ class MixedAdam(torch.optim.Optimizer):
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 p.addcdiv_(m, v.sqrt().add_(group["eps"] * math.sqrt(bc2)), value=-step_size)
         return loss
+
+
+def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse [V, D] gradient -> (distinct row ids [U] int64, their summed rows [U, D]).
+
+    What ``grad.coalesce()`` computes, about twice as fast (one unique + one index_add, no
+    sparse-tensor bookkeeping); ``index_select``/``index_copy_`` on the result beat ``t[idx]``
+    indexing several times over on CPU (measured in bench/train_bench.py's ceiling).
+    """
+    idx, val = grad._indices()[0], grad._values()
+    rows, inverse = torch.unique(idx, return_inverse=True)
+    return rows, val.new_zeros((len(rows), val.shape[1])).index_add_(0, inverse, val)
 
 
 def sparse_parameters(model: torch.nn.Module) -> set[int]:
@@ -74,8 +86,7 @@ def build_optimizer(spec, model: torch.nn.Module) -> torch.optim.Optimizer:
         return MixedAdam(model.parameters(), lr=spec.peak_lr, weight_decay=spec.weight_decay)
     sparse = sparse_parameters(model)
     groups = [
-        {"params": [p for p in model.parameters() if id(p) in sparse], "momentum": 0.0, "weight_decay": 0.0,
-         "lr_scale": float(__import__("os").environ.get("EMB_SCALE", "1"))},
+        {"params": [p for p in model.parameters() if id(p) in sparse], "momentum": 0.0, "weight_decay": 0.0},
         {"params": [p for p in model.parameters() if id(p) not in sparse]},
     ]
     groups = [g for g in groups if g["params"]]

@@ -1,9 +1,13 @@
 """One training recipe per model: what ``train.*`` keys left at "auto" resolve to.
 
 A recipe is chosen for throughput as well as accuracy (figures in bench/README.md). fastText
-trains as fastText does: plain SGD on the sparse embedding (each step updates only the rows its
-batch used, no optimizer state to gather and scatter), a short warm-up and a linear decay of the
-LR to 0 over the run. The CNNs keep Adam at a constant LR after warm-up.
+trains with the sparse-aware Adam (optim.MixedAdam: lazy updates of the embedding rows a batch
+used) at batch 256, a short warm-up and a linear decay of the LR to 0 over the run (fastText's
+own schedule). Measured on the AG News sample (1 rank, 10 epochs): plain sparse SGD, fastText's
+own optimizer, steps ~2.3x faster but tops out at fastText's accuracy (84.4%, best of 15 LR
+settings), Adam reaches 85.8%; batch 256 vs 64 halves the steps' fixed costs (Horovod's
+allgather, the Python loop) at the same accuracy. The CNNs keep Adam at a constant LR after
+warm-up.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ class Recipe:
 
 
 RECIPES = {
-    "fasttext": Recipe(optimizer="sgd", lr=0.5, batch_size=256, lr_schedule="linear", momentum=0.0, warmup_epochs=0.1),
+    "fasttext": Recipe(optimizer="adam", lr=0.02, batch_size=256, lr_schedule="linear", momentum=0.9, warmup_epochs=0.1),
     "char_cnn": Recipe(optimizer="adam", lr=0.001, batch_size=64, lr_schedule="constant", momentum=0.9, warmup_epochs=0.5),
     "cnn": Recipe(optimizer="adam", lr=0.001, batch_size=64, lr_schedule="constant", momentum=0.9, warmup_epochs=0.5),
 }
