@@ -2,8 +2,12 @@
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -66,8 +70,8 @@ def test_uneven_shards_finish_without_hanging(spark, small_uneven, tmp_path):
 
 def test_hogwild_learns(ag_prepared, tmp_path):
     cfg, _ = ag_prepared
-    metrics = train_model(replace(cfg, train={"launcher": "local", "mode": "hogwild", "epochs": 1, "optimizer": "adam",
-                                              "lr": 0.003, "run_dir": str(tmp_path / "hog")},
+    metrics = train_model(replace(cfg, train={"launcher": "local", "mode": "hogwild", "epochs": 1,
+                                              "run_dir": str(tmp_path / "hog")},
                                   hogwild={"workers": 2, "sync_every": 20}))
     assert metrics["mode"] == "hogwild"
     assert metrics["test"]["accuracy"] > 0.6, metrics["test"]  # chance is 0.25
@@ -75,26 +79,136 @@ def test_hogwild_learns(ag_prepared, tmp_path):
     assert history[-1]["type"] == "epoch"
 
 
-def _cli_train(run_dir, data, *extra, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "dl_pipeline.cli", "train", "--set", f"train.data_path={data}",
-         "--set", f"train.run_dir={run_dir}", "--set", "train.launcher=local", "--set", "train.epochs=2",
-         "--set", "train.steps_per_epoch=40", "--set", "train.checkpoint_every_steps=25", "--set", "train.progress=false",
-         *extra],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600,
-    )
+def _cli_train(run_dir, data, *extra, env=None, wait=True):
+    cmd = [sys.executable, "-m", "dl_pipeline.cli", "train", "--set", f"train.data_path={data}",
+           "--set", f"train.run_dir={run_dir}", "--set", "train.launcher=local", "--set", "train.epochs=2",
+           "--set", "train.steps_per_epoch=40", "--set", "train.checkpoint_every_steps=25", "--set", "train.progress=false",
+           *extra]
+    env = {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    # output through files, not pipes: an orphaned worker holding a pipe would hang the test, not fail it
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        rc = subprocess.run(cmd, stdout=out, stderr=err, text=True, cwd=ROOT, env=env, timeout=300).returncode
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
 
 
-def test_kill_mid_epoch_then_resume_finishes_with_same_step_count(small_uneven, tmp_path):
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "model", "model.safetensors"))
+
+
+def _processes_marked(mark):
+    """pids of live processes whose environment holds ``DLP_TEST_MARK=mark`` (incl. orphans)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read()
+        except OSError:
+            continue
+        if f"DLP_TEST_MARK={mark}".encode() in env.split(b"\0"):
+            found.append(int(pid))
+    return found
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(small_uneven, tmp_path):
     data = small_uneven.prepare.output_path
+    whole = _cli_train(tmp_path / "whole", data)
+    assert whole.returncode == 0, whole.stderr[-2000:]
     crashed = _cli_train(tmp_path / "run", data, env={"DL_PIPELINE_FAIL_AT_STEP": "60"})
-    assert crashed.returncode == 17, crashed.stderr[-2000:]
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     assert not (tmp_path / "run" / "metrics.json").exists()
     resumed = _cli_train(tmp_path / "run", data, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step 50" in resumed.stderr  # the step-25 and step-50 checkpoints, then epoch 1 at 40
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))
     assert metrics["global_step"] == 80 and metrics["epochs_run"] == 2
+    # same seed, same batches (seeded per epoch), Adam state and RNGs restored: the same model
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "run")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    assert metrics["test"] == json.load(open(tmp_path / "whole" / "metrics.json"))["test"]
+
+
+HOGWILD = ["--set", "train.mode=hogwild", "--set", "hogwild.workers=2", "--set", "hogwild.sync_every=5"]
+
+
+def test_hogwild_killed_mid_epoch_resumes_from_its_mid_epoch_checkpoint(small_uneven, tmp_path):
+    data, mark = small_uneven.prepare.output_path, f"hog-resume-{os.getpid()}"
+    # rounds of 2 workers x 5 steps: checkpoints when steps 30 and 50 are done, the kill at 60
+    crashed = _cli_train(tmp_path / "run", data, *HOGWILD, env={"DL_PIPELINE_FAIL_AT_STEP": "60", "DLP_TEST_MARK": mark})
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    deadline = time.time() + 10
+    while _processes_marked(mark) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes_marked(mark), "Hogwild workers outlived their killed rank"
+    resumed = _cli_train(tmp_path / "run", data, *HOGWILD, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 50" in resumed.stderr
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert metrics["mode"] == "hogwild" and metrics["global_step"] == 80 and metrics["epochs_run"] == 2
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [1, 2]  # epoch 1 from the first run, 2 after
+    assert metrics["test"]["accuracy"] > 0.4  # 4 classes; learns from 1,200 rows
+
+
+def test_a_killed_hogwild_worker_fails_the_job_fast(small_uneven, tmp_path):
+    data, mark = small_uneven.prepare.output_path, f"hog-kill-{os.getpid()}"
+    proc = _cli_train(tmp_path / "run", data, *HOGWILD, "--set", "train.epochs=10000", wait=False,
+                      env={"DLP_TEST_MARK": mark})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "run" / "metrics.jsonl").exists():
+            time.sleep(0.2)  # the first step record: the workers are training
+        workers = [p for p in _processes_marked(mark) if p != proc.pid and b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(workers) == 2, workers
+        t0 = time.time()
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert time.time() - t0 < 30
+    finally:
+        proc.kill()
+    assert proc.returncode not in (0, None)
+    assert re.search(r"hogwild worker \d of rank 0 died \(exit code -9\)", err), err[-2000:]
+
+
+class _Trap:
+    """Unpickling this creates ``path``: proof that loading ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_a_booby_trapped_checkpoint_is_refused_and_runs_nothing(small_uneven, tmp_path):
+    import pickle
+
+    from safetensors.torch import save_file
+
+    data = small_uneven.prepare.output_path
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    proof = tmp_path / "code-ran"
+    (ckpt / "latest.pt").write_bytes(pickle.dumps(_Trap(str(proof))))
+    out = _cli_train(tmp_path / "run", data, "--resume")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "latest.pt: a pickle checkpoint" in out.stderr and "Traceback" not in out.stderr
+    assert not proof.exists()
+    # the same bytes under our own name, and a safetensors file that is not ours: refused too
+    (ckpt / "latest.pt").unlink()
+    (ckpt / "latest.safetensors").write_bytes(pickle.dumps(_Trap(str(proof))))
+    cfg = replace(small_uneven, train={"launcher": "local", "resume": True, "run_dir": str(tmp_path / "run")})
+    with pytest.raises(UserError, match=r"latest\.safetensors: not a dl_pipeline checkpoint"):
+        train_model(cfg)
+    save_file({"model.fc.weight": torch.zeros(4, 32)}, str(ckpt / "latest.safetensors"))
+    with pytest.raises(UserError, match=r"latest\.safetensors: not a dl_pipeline checkpoint"):
+        train_model(cfg)
+    assert not proof.exists()
 
 
 def test_bundle_loads_in_fresh_process_and_predicts_identically(ag_model):
@@ -122,7 +236,11 @@ def test_bundle_loads_in_fresh_process_and_predicts_identically(ag_model):
     assert os.path.getsize(os.path.join(run, "confusion_matrix.png")) > 1000
 
 
-def test_training_user_errors(small_uneven):
+def test_training_user_errors(small_uneven, tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps({"format": "dl_pipeline.prepared/1"}))
+    with pytest.raises(UserError, match=r"format 'dl_pipeline.prepared/1'.*re-run `dl-pipeline prepare`"):
+        train_model(replace(small_uneven, train={"launcher": "local", "data_path": str(tmp_path / "old")}))
     with pytest.raises(UserError, match="has no 'chars' feature"):
         train_model(replace(small_uneven, model={"name": "char_cnn"}, train={"launcher": "local"}))
     with pytest.raises(UserError, match=r"world size 8 > 3 row groups"):

@@ -11,7 +11,7 @@ uint8. From there every step works on whole arrays:
   * all of it in a background thread, a few batches ahead, so a step never waits, and on CUDA
     into pinned memory, so the copy to the device is asynchronous.
 
-Training streams are endless (Petastorm's ``num_epochs=None``): the loop takes exactly
+Training streams are endless (one Petastorm pass after another): the loop takes exactly
 ``steps_per_epoch`` batches, so a rank with a smaller shard wraps around and every rank runs
 the same number of steps (an allreduce never waits for a rank that ran out). Each epoch opens
 its own reader, seeded by (seed, shard, epoch): with one reader thread the batches of an epoch
@@ -23,6 +23,7 @@ pool full before the current epoch's evaluation ends.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import threading
 import warnings
@@ -97,11 +98,14 @@ def to_tensors(batch: dict[str, np.ndarray], pin: bool = False) -> dict[str, Any
     from dl_pipeline.models import bag_inputs
 
     out = {"label": torch.from_numpy(batch["label"].astype(np.int64))}
-    if "tokens" in batch and "length" in batch:
-        out.update(bag_inputs(torch.from_numpy(batch["tokens"]), torch.from_numpy(batch["length"])))
-    for name, arr in batch.items():
-        if name not in ("label", "tokens", "length"):
-            out[name] = torch.from_numpy(np.ascontiguousarray(arr))
+    with warnings.catch_warnings():
+        # Petastorm's arrays are read-only; the tensors made from them are only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        if "tokens" in batch and "length" in batch:
+            out.update(bag_inputs(torch.from_numpy(batch["tokens"]), torch.from_numpy(batch["length"])))
+        for name, arr in batch.items():
+            if name not in ("label", "tokens", "length"):
+                out[name] = torch.from_numpy(np.ascontiguousarray(arr))
     if pin:
         out = {k: v.pin_memory() for k, v in out.items()}
     return out
@@ -184,12 +188,33 @@ def epoch_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]]
     """Batches ``skip`` .. ``steps - 1`` of one epoch of ``shard``: an endless, seeded stream
     (a small shard wraps around) cut to the epoch's fixed step count; the reader stops after."""
     s = stream_seed(seed, shard, epoch)
-    with row_groups(url, columns, shapes, shard, shards, epochs=None, seed=s, shuffle=True, workers=workers) as groups:
-        batches = shuffled_batches(groups, batch_size, buffer_rows, np.random.default_rng(s))
+    passes = _passes(url, columns, shapes, shard, shards, seed=s, workers=workers)
+    try:
+        batches = shuffled_batches(passes, batch_size, buffer_rows, np.random.default_rng(s))
         for _ in range(skip):
             next(batches)
         for _ in range(steps - skip):
             yield next(batches)
+    finally:
+        passes.close()  # stops the open reader
+
+
+def _passes(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
+            seed: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
+    """Endless row groups of ``shard``: pass after pass, each pass its own reader
+    (``num_epochs=1``) with its own seed. Not Petastorm's ``num_epochs=None``: its ventilator
+    reshuffles the row-group order again whenever it waits for queue room at the start of a
+    pass (uber/petastorm#798, open in 0.12.1), so from the second pass on the order depended on
+    timing, and a resumed run would not have equalled an uninterrupted one."""
+    for p in itertools.count():
+        with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=(seed + 7_919 * p) % (2**31 - 1),
+                        shuffle=True, workers=workers) as groups:
+            empty = True
+            for group in groups:
+                empty = False
+                yield group
+        if empty:  # the driver's layout check makes this unreachable; never spin on nothing
+            raise ValueError(f"{url}: shard {shard} of {shards} has no rows")
 
 
 @contextlib.contextmanager

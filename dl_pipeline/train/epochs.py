@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -118,7 +119,8 @@ class _StepLog:
         if crossed(s.checkpoint_every_steps) and done % s.steps_per_epoch:
             self.save(done)
         if s.fail_at_step and done >= s.fail_at_step > done - ran:
-            os._exit(17)  # test hook: a crash mid-epoch, no clean-up, like a lost executor
+            # test hook: a crash mid-epoch, a real SIGKILL (no clean-up), like a lost executor
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_rank(spec: RankSpec) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ other ranks (one allreduce per tensor) before releasing the next. ``HogwildSteps
 steps for the shared epoch loop (``epochs.py``), exactly like ``SyncSteps`` does for sync mode.
 
 A worker that dies (killed, out of memory) fails the rank within ``POLL_S`` seconds with its
-exit code instead of leaving the others waiting.
+exit code instead of leaving the others waiting; a worker whose rank died exits as soon.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def worker_steps(steps: int, workers: int, w: int) -> int:
 def _worker(w: int, rank: int, size: int, spec, model, first_epoch: int, skip: int, commands, results) -> None:
     """Worker ``w``: runs rounds of steps on the shared ``model`` until told to stop. Its
     batches come from its own sub-shard, epochs back to back (data.train_batches)."""
+    import multiprocessing as mp
+
     import numpy as np
     import torch
 
@@ -56,7 +58,12 @@ def _worker(w: int, rank: int, size: int, spec, model, first_epoch: int, skip: i
                        batch_size=spec.batch_size, buffer_rows=spec.shuffle_buffer, workers=spec.reader_workers,
                        skip=skipped) as batches:
         while True:
-            cmd = commands.get()
+            try:
+                cmd = commands.get(timeout=POLL_S)
+            except queue.Empty:
+                if not mp.parent_process().is_alive():  # the rank was killed: do not linger
+                    return
+                continue
             if cmd is None:
                 break
             first_step, n = cmd
