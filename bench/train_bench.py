@@ -1,105 +1,242 @@
-"""Benchmark train: samples/s for 1 rank vs 2 Horovod ranks vs Hogwild (2 workers) on the same
-prepared AG News sample and model, the fraction of step time spent waiting for data, and the
-wall time to reach the accuracy target vs the fastText reference on the same rows.
+"""Benchmark train on the AG News sample: the data path against the model's own ceiling, and
+our fastText model against the fastText library on the same rows, all in one run.
 
-    .venv/bin/python bench/train_bench.py [--epochs 5] [--workdir /tmp/dlp-train-bench]
+    .venv/bin/python bench/train_bench.py [--epochs 10] [--workdir /tmp/dlp-train-bench]
+
+Figures (one JSON document on stdout; see bench/README.md):
+- ``ceiling``: the recipe's model and optimizer stepping over batches already in memory as
+  tensors (no reader), samples/s, 1 process with the threads a lone rank gets;
+- ``one_rank``: a full ``dl-pipeline train`` (launcher local) as a subprocess: samples/s
+  through the whole data path (ratio to the ceiling), data wait, test accuracy, peak RSS,
+  wall time and its start-up share (process start to the first step);
+- ``two_horovod_ranks`` (``horovod.spark.run`` on local[2]) and ``hogwild_two_workers``;
+- ``reader``: rows/s into tensors for the columnar path (``make_batch_reader``, shuffled
+  batches) and for the row path it replaced (``make_reader`` over NdarrayCodec blobs, one
+  ``np.stack`` per batch), on the same rows written both ways;
+- ``fasttext``: the fastText library (0.9.3, the CLI's C++ code through its Python binding:
+  ``wordNgrams=2 dim=50 lr=0.5``, 2 threads) on exactly our train/test rows, same epochs.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import itertools
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
-from common import AG_TEST, AG_TRAIN, emit, machine
+from common import AG_TEST, AG_TRAIN, ROOT, emit, machine
 
 from dl_pipeline.config import SparkConfig, load_config, replace
-from dl_pipeline.features import clean_record
 from dl_pipeline.prepare import prepare_dataset
-from dl_pipeline.sources import parse_zhang_line
 from dl_pipeline.spark import get_spark
-from dl_pipeline.train.driver import train_model
+from dl_pipeline.train.driver import rank_spec, train_model
 
 
-def _run(cfg, spark, name, **train):
-    run_dir = os.path.join(cfg.train.run_dir, name)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    t0 = time.perf_counter()
-    m = train_model(replace(cfg, train={**train, "run_dir": run_dir}), spark=spark)
-    wall = time.perf_counter() - t0
-    epochs = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"epoch"' in line]
-    sps = [e["samples_per_s"] for e in epochs if "samples_per_s" in e]
-    waits = [e["data_wait_fraction"] for e in epochs if "data_wait_fraction" in e]
+def _summary(metrics: dict) -> dict:
+    epochs = metrics["history"]
+    later = epochs[1:] or epochs  # epoch 1 includes the reader's cold start; reported apart
+    mean = lambda key, rows: sum(e[key] for e in rows) / len(rows)  # noqa: E731
     return {
-        "wall_s": round(wall, 2),
-        "samples_per_s": round(sum(sps) / len(sps)) if sps else None,
-        "data_wait_fraction": round(sum(waits) / len(waits), 4) if waits else None,
-        "test_accuracy": round(m["test"]["accuracy"], 4),
-        "epochs_run": m["epochs_run"],
-        "world_size": m["world_size"],
+        "samples_per_s": round(mean("samples_per_s", epochs)),
+        "samples_per_s_after_epoch_1": round(mean("samples_per_s", later)),
+        "data_wait_fraction": round(mean("data_wait_fraction", epochs), 4),
+        "data_wait_fraction_after_epoch_1": round(mean("data_wait_fraction", later), 4),
+        "data_wait_fraction_per_rank": [round(sum(e["data_wait_fraction_per_rank"][r] for e in epochs) / len(epochs), 4)
+                                        for r in range(metrics["world_size"])],
+        "test_accuracy": round(metrics["test"]["accuracy"], 4),
+        "epochs_run": metrics["epochs_run"],
+        "peak_rss_mb_per_rank": metrics["peak_rss_mb_per_rank"],
+        "timing": metrics["timing"],
     }
 
 
-def fasttext_reference(workdir: str) -> dict | None:
-    try:
-        import fasttext
-    except ImportError:
-        return None
-
-    def to_ft(src, dst):
-        with gzip.open(src, "rt", encoding="utf-8") as fh, open(dst, "w") as out:
-            for line in fh:
-                label, parts, reason = parse_zhang_line(line.rstrip("\n"), 3)
-                if not reason:
-                    out.write(f"__label__{label} {clean_record(parts, '. ').lower().replace(chr(10), ' ')}\n")
-
-    tr, te = os.path.join(workdir, "ft_train.txt"), os.path.join(workdir, "ft_test.txt")
-    to_ft(AG_TRAIN, tr)
-    to_ft(AG_TEST, te)
+def cli_train(data: str, run_dir: str, epochs: int, *extra: str) -> dict:
+    """A whole ``dl-pipeline train`` process: its wall time, start-up share and metrics."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, "-m", "dl_pipeline.cli", "train", "--set", f"train.data_path={data}",
+           "--set", f"train.run_dir={run_dir}", "--set", "train.launcher=local", "--set", f"train.epochs={epochs}",
+           "--set", "train.early_stopping_patience=0", "--set", "train.progress=false", *extra]
     t0 = time.perf_counter()
-    model = fasttext.train_supervised(tr, wordNgrams=2, dim=50, epoch=10, lr=0.5, thread=2, verbose=0)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
-    n, p, _ = model.test(te)
-    return {"wall_s": round(wall, 2), "test_accuracy": round(p, 4), "rows": n,
-            "settings": "wordNgrams=2 dim=50 epoch=10 lr=0.5 thread=2"}
+    if out.returncode:
+        raise SystemExit(f"train failed ({out.returncode}): {out.stderr[-3000:]}")
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    doc = _summary(metrics)
+    t = metrics["timing"]
+    startup = wall - t["rank_total_s"] + t["rank_setup_s"]  # interpreter, imports, config, checks, rank set-up
+    doc.update(wall_s=round(wall, 2), startup_s=round(startup, 2), startup_share=round(startup / wall, 3),
+               train_steps_share=round(t["train_steps_s"] / wall, 3))
+    return doc
+
+
+def ceiling(spec, seconds: float = 8.0) -> dict:
+    """The recipe's model and optimizer over the whole train split already in memory as tensors."""
+    import torch
+
+    from dl_pipeline.models import build_model
+    from dl_pipeline.train.comm import Comm
+    from dl_pipeline.train.data import ordered_batches, row_groups, to_tensors
+    from dl_pipeline.train.epochs import _threads
+    from dl_pipeline.train.loop import schedule_of, train_one_epoch
+    from dl_pipeline.train.optim import build_optimizer
+
+    with row_groups(f"{spec.data_url}/train", spec.columns, spec.shapes, 0, 1, epochs=1, seed=0, shuffle=False,
+                    workers=1) as groups:
+        batches = [to_tensors(b) for b in ordered_batches(groups, spec.batch_size)]
+    batches = [b for b in batches if len(b["label"]) == spec.batch_size]
+    torch.manual_seed(spec.seed)
+    torch.set_num_threads(_threads(Comm(False)))  # what a lone rank on this machine uses
+    model = build_model(spec.model_spec)
+    optimizer = build_optimizer(spec, model)
+    feed, lr = itertools.cycle(batches), schedule_of(spec)
+    train_one_epoch(model, optimizer, feed, 20, 0, lr, torch.device("cpu"))  # warm-up: allocator, first-touch
+    samples = step_s = 0.0
+    while step_s < seconds:
+        stats = train_one_epoch(model, optimizer, feed, spec.steps_per_epoch, 0, lr, torch.device("cpu"))
+        samples, step_s = samples + stats["samples"], step_s + stats["step_s"]
+    return {"samples_per_s": round(samples / step_s), "batch_size": spec.batch_size, "optimizer": spec.optimizer,
+            "threads": torch.get_num_threads(), "steps": int(samples // spec.batch_size)}
+
+
+def _old_row_dataset(spark, spec, url: str) -> None:
+    """The train split in the layout it replaces: a Petastorm Unischema, tokens as NdarrayCodec blobs."""
+    import numpy as np
+    from petastorm.codecs import NdarrayCodec, ScalarCodec
+    from petastorm.etl.dataset_metadata import materialize_dataset
+    from petastorm.unischema import Unischema, UnischemaField, dict_to_spark_row
+    from pyspark.sql.types import IntegerType
+
+    from dl_pipeline.train.data import ordered_batches, row_groups
+
+    length = spec.shapes["tokens"][0]
+    schema = Unischema("Rows", [
+        UnischemaField("label", np.int32, (), ScalarCodec(IntegerType()), False),
+        UnischemaField("tokens", np.int32, (length,), NdarrayCodec(), False),
+        UnischemaField("length", np.int32, (), ScalarCodec(IntegerType()), False),
+    ])
+    with row_groups(f"{spec.data_url}/train", spec.columns, spec.shapes, 0, 1, epochs=1, seed=0, shuffle=False,
+                    workers=1) as groups:
+        rows = [dict_to_spark_row(schema, {"label": np.int32(b["label"][i]), "tokens": b["tokens"][i].astype(np.int32),
+                                           "length": np.int32(b["length"][i])})
+                for b in ordered_batches(groups, 1024) for i in range(len(b["label"]))]
+    with materialize_dataset(spark, url, schema, row_group_size_mb=1):
+        spark.createDataFrame(rows, schema.as_spark_schema()).coalesce(1).write.mode("overwrite").parquet(url)
+
+
+def reader_rates(spark, spec, workdir: str, workers: int = 2) -> dict:
+    """Rows/s into batches of tensors, per path, over 3 passes of the train split."""
+    import numpy as np
+    import torch
+
+    from dl_pipeline.train.data import epoch_batches, to_tensors
+
+    rows = spec.steps_per_epoch * spec.batch_size
+    t0 = time.perf_counter()
+    for epoch in range(3):
+        for batch in epoch_batches(f"{spec.data_url}/train", spec.columns, spec.shapes, 0, 1, epoch=epoch, seed=spec.seed,
+                                   batch_size=spec.batch_size, buffer_rows=spec.shuffle_buffer, workers=workers,
+                                   steps=spec.steps_per_epoch):
+            to_tensors(batch)
+    new = 3 * rows / (time.perf_counter() - t0)
+
+    from petastorm import make_reader
+
+    url = "file://" + os.path.join(workdir, "old_row_layout")
+    if not os.path.exists(os.path.join(workdir, "old_row_layout", "_common_metadata")):
+        _old_row_dataset(spark, spec, url)
+    n, t0 = 0, time.perf_counter()
+    with make_reader(url, schema_fields=list(spec.columns), num_epochs=3, shuffle_row_groups=True, seed=spec.seed,
+                     reader_pool_type="thread", workers_count=workers) as reader:
+        for chunk in iter(lambda: list(itertools.islice(reader, spec.batch_size)), []):
+            {c: torch.from_numpy(np.stack([getattr(r, c) for r in chunk])) for c in spec.columns}
+            n += len(chunk)
+    old = n / (time.perf_counter() - t0)
+    return {"columnar_make_batch_reader_rows_per_s": round(new), "row_make_reader_rows_per_s": round(old),
+            "ratio": round(new / old, 1), "reader_workers": workers, "batch_size": spec.batch_size}
+
+
+def fasttext_peer(spark, cfg, workdir: str, epochs: int) -> dict:
+    """fastText on our rows: the prepared train/test row ids joined back to their cleaned text."""
+    import fasttext
+    import pyarrow.parquet as pq
+    from pyspark.sql import functions as F
+
+    from dl_pipeline.features import tokenize
+    from dl_pipeline.prepare import _label_map, clean_content, parse_labels
+    from dl_pipeline.sources import read_raw
+
+    out = cfg.prepare.output_path
+    raw = read_raw(spark, cfg.data)
+    label_index, _, k = _label_map(spark, raw, cfg.data)
+    texts = (raw.transform(parse_labels(label_index, cfg.data.label_base, k)).transform(clean_content(cfg.data))
+             .where(F.col("reason").isNull()).select(F.lower(F.hex("h")).alias("row_id"), "text"))
+    text_of = dict(texts.dropDuplicates(["row_id"]).toPandas().itertuples(index=False))
+    files, rows = {}, {}
+    for split in ("train", "test"):
+        # our row order: fastText reads its file in order, we shuffle; give it our shards' (already shuffled) order
+        t = pq.read_table(os.path.join(out, split), columns=["row_id", "label"])
+        files[split] = os.path.join(workdir, f"fasttext_{split}.txt")
+        with open(files[split], "w") as fh:
+            for rid, label in zip(t["row_id"].to_pylist(), t["label"].to_pylist(), strict=True):
+                fh.write(f"__label__{label} {' '.join(tokenize(text_of[rid]))}\n")
+        rows[split] = t.num_rows
+    t0 = time.perf_counter()
+    model = fasttext.train_supervised(files["train"], wordNgrams=2, dim=50, lr=0.5, epoch=epochs, thread=2, verbose=0)
+    wall = time.perf_counter() - t0
+    n, accuracy, _ = model.test(files["test"])
+    assert n == rows["test"], (n, rows["test"])
+    return {"samples_per_s": round(rows["train"] * epochs / wall), "train_wall_s": round(wall, 2),
+            "test_accuracy": round(accuracy, 4), "train_rows": rows["train"], "test_rows": n,
+            "settings": f"fasttext {fasttext.__version__ if hasattr(fasttext, '__version__') else '0.9.3'}: "
+                        f"wordNgrams=2 dim=50 lr=0.5 epoch={epochs} thread=2 (its own tokens: ours, space-joined)"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dlp-train-bench"))
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     spark = get_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "4"}))
+    data = f"{args.workdir}/prepared"
     cfg = load_config(None, [
         f"data.train_path={AG_TRAIN}", f"data.test_path={AG_TEST}", "data.num_classes=4",
-        f"prepare.output_path={args.workdir}/prepared", f"train.data_path={args.workdir}/prepared",
-        f"train.run_dir={args.workdir}/runs", "shard.max_workers=4", f"train.epochs={args.epochs}",
-        "train.progress=false", "train.early_stopping_patience=0",
+        f"prepare.output_path={data}", f"train.data_path={data}", f"train.run_dir={args.workdir}/runs",
+        "shard.max_workers=4", f"train.epochs={args.epochs}", "train.progress=false", "train.early_stopping_patience=0",
     ])
-    if not os.path.exists(f"{args.workdir}/prepared/manifest.json"):
+    if not os.path.exists(f"{data}/manifest.json"):
         prepare_dataset(spark, cfg)
-    # Same per-step global batch (64) for the sync runs; Hogwild: 2 workers x 64 lock-free.
-    results = {
-        "one_rank": _run(cfg, spark, "one", launcher="local", batch_size=64),
-        "two_horovod_ranks": _run(cfg, spark, "two", launcher="spark", num_proc=2, batch_size=32),
-        "hogwild_two_workers": _run(cfg, spark, "hogwild", launcher="local", mode="hogwild", batch_size=64),
-    }
-    one = results["one_rank"]["samples_per_s"]
+    spec = rank_spec(cfg, 1)
+    runs = f"{args.workdir}/runs"
+    results = {"ceiling": ceiling(spec)}
+    results["one_rank"] = cli_train(data, f"{runs}/one", args.epochs)
+    results["one_rank"]["ratio_to_ceiling"] = round(
+        results["one_rank"]["samples_per_s_after_epoch_1"] / results["ceiling"]["samples_per_s"], 3)
+    results["hogwild_two_workers"] = cli_train(data, f"{runs}/hogwild", args.epochs, "--set", "train.mode=hogwild",
+                                               "--set", "hogwild.workers=2")
+    two = train_model(replace(cfg, train={"launcher": "spark", "num_proc": 2, "run_dir": f"{runs}/two"}), spark=spark)
+    results["two_horovod_ranks"] = _summary(two)
+    results["reader"] = reader_rates(spark, spec, args.workdir)
+    results["fasttext"] = fasttext_peer(spark, cfg, args.workdir, args.epochs)
+    one, hog, ft = results["one_rank"], results["hogwild_two_workers"], results["fasttext"]
     emit({
         "benchmark": "train",
-        "data": "AG News sample: data/sample/ag_news train (10,429 rows) -> its full test file (7,600)",
-        "model": "fasttext (hashed uni+bigrams, EmbeddingBag 2^17 x 32)",
+        "data": "AG News sample: data/sample/ag_news train (10,429 rows: train/val split) -> its full test file (7,600)",
+        "model": f"fasttext recipe: {spec.optimizer} lr {spec.peak_lr} batch {spec.batch_size} {spec.lr_schedule}",
         "machine": machine(),
         "epochs": args.epochs,
-        "runs": results,
-        "speedup_two_ranks_vs_one": round(results["two_horovod_ranks"]["samples_per_s"] / one, 2) if one else None,
-        "speedup_hogwild_vs_one": round(results["hogwild_two_workers"]["samples_per_s"] / one, 2) if one else None,
-        "fasttext_reference": fasttext_reference(args.workdir),
+        **results,
+        "ours_vs_fasttext": {"samples_per_s_ratio": round(one["samples_per_s"] / ft["samples_per_s"], 3),
+                             "accuracy_points": round(100 * (one["test_accuracy"] - ft["test_accuracy"]), 2)},
+        "hogwild_vs_one_rank": {"samples_per_s_ratio": round(hog["samples_per_s"] / one["samples_per_s"], 2),
+                                "accuracy_points": round(100 * (hog["test_accuracy"] - one["test_accuracy"]), 2)},
+        "gpu": "not run: the device tool's status said no GPU machine is lent to this task (issue 13)",
     })
 
 

@@ -55,6 +55,11 @@ def test_two_ranks_match_one_rank_with_same_global_batch(spark, ag_prepared, tmp
     assert abs(one["val"]["loss"] - two["val"]["loss"]) < 0.05 * one["val"]["loss"]
     assert abs(one["val"]["accuracy"] - two["val"]["accuracy"]) < 0.05
     assert one["val"]["accuracy"] > 0.5 and two["val"]["accuracy"] > 0.5
+    # Per-rank figures come from every rank (allreduced), not rank 0 copied.
+    waits = two["history"][0]["data_wait_fraction_per_rank"]
+    assert len(waits) == 2 and all(0 <= w < 1 for w in waits)
+    assert len(two["peak_rss_mb_per_rank"]) == 2 and all(m > 50 for m in two["peak_rss_mb_per_rank"])
+    assert two["timing"]["rank_total_s"] >= two["timing"]["train_steps_s"] > 0
 
 
 def test_uneven_shards_finish_without_hanging(spark, small_uneven, tmp_path):
@@ -281,6 +286,7 @@ def test_mlflow_logs_params_metrics_and_bundle_when_configured(small_uneven, tmp
     assert run.data.params["model.name"] == "fasttext" and run.data.params["train.epochs"] == "2"
     assert 0 < run.data.metrics["final_test_accuracy"] <= 1 and "final_val_loss" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "data_wait_fraction_per_rank_rank0")) == 2
     assert "model/model.safetensors" in [a.path for a in client.list_artifacts(run.info.run_id, "model")]
 
 

@@ -136,6 +136,7 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
     from dl_pipeline.train.loop import NonFiniteLoss
     from dl_pipeline.train.outputs import MetricsLog
 
+    t_start = time.perf_counter()
     # Petastorm pulls in pandas (~0.6 s of imports): done while Horovod starts and the model is
     # built, not inside the first step's wait for data.
     warm = threading.Thread(target=importlib.import_module, args=("petastorm",), daemon=True)
@@ -174,6 +175,7 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
     steps = spec.steps_per_epoch
     in_epoch = state["global_step"] - state["epoch"] * steps  # > 0 only after a mid-epoch resume
     stepper.start(state["epoch"], in_epoch)
+    clock = {"setup_s": time.perf_counter() - t_start, "train_steps_s": 0.0}
     try:
         while state["epoch"] < spec.epochs:
             epoch = state["epoch"]
@@ -184,11 +186,12 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
                     raise UserError(str(exc)) from None
                 raise RuntimeError(str(exc)) from None
             state["global_step"] = (epoch + 1) * steps
+            clock["train_steps_s"] += stats["step_s"]
             if _end_of_epoch(spec, model, stepper.optimizer, comm, device, state, stats, metrics_log):
                 break
     finally:
         stepper.close()
-    return _finish(spec, model, comm, device, state)
+    return _finish(spec, model, comm, device, state, {**clock, "t_start": t_start})
 
 
 def _end_of_epoch(spec: RankSpec, model, optimizer, comm, device, state: dict, stats: dict, metrics_log) -> bool:
@@ -199,7 +202,11 @@ def _end_of_epoch(spec: RankSpec, model, optimizer, comm, device, state: dict, s
 
     epoch = state["epoch"]
     val, _ = evaluate_split(spec, "val", model, comm, device)
-    sums = comm.allreduce_sum(torch.tensor([stats["loss_sum"], float(stats["samples"])], dtype=torch.float64), f"train.{epoch}")
+    # [loss sum, samples, each rank's data wait fraction (one-hot: a sum gathers them)]
+    local = torch.zeros(2 + comm.size, dtype=torch.float64)
+    local[0], local[1] = stats["loss_sum"], float(stats["samples"])
+    local[2 + comm.rank] = stats["data_s"] / max(stats["step_s"], 1e-9)
+    sums = comm.allreduce_sum(local, f"train.{epoch}")
     train_loss = float(sums[0]) / max(1.0, float(sums[1]))
     improved = val["loss"] < state["best_val_loss"] - 1e-6
     state["best_val_loss"] = min(state["best_val_loss"], val["loss"])
@@ -208,7 +215,8 @@ def _end_of_epoch(spec: RankSpec, model, optimizer, comm, device, state: dict, s
     record = {
         "type": "epoch", "epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss,
         "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-        "data_wait_fraction": stats["data_s"] / max(stats["step_s"], 1e-9),
+        "data_wait_fraction": stats["data_s"] / max(stats["step_s"], 1e-9),  # rank 0's
+        "data_wait_fraction_per_rank": [round(float(v), 4) for v in sums[2:]],
         "samples_per_s": float(sums[1]) / max(stats["step_s"], 1e-9),
     }
     state["history"].append(record)
@@ -228,8 +236,21 @@ def _end_of_epoch(spec: RankSpec, model, optimizer, comm, device, state: dict, s
     return False
 
 
-def _finish(spec: RankSpec, model, comm, device, state: dict) -> dict[str, Any] | None:
-    """Reload the best weights, evaluate val and test on all ranks, rank 0 writes the outputs."""
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory, or its Hogwild workers' if larger (MiB)."""
+    import resource
+
+    kib = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return kib / 1024
+
+
+def _finish(spec: RankSpec, model, comm, device, state: dict, clock: dict) -> dict[str, Any] | None:
+    """Reload the best weights, evaluate val and test on all ranks, rank 0 writes the outputs.
+
+    ``clock``: this rank's ``t_start`` (perf_counter), ``setup_s`` (start to the first step's
+    call) and ``train_steps_s`` (seconds inside the epochs' steps, data waits included)."""
+    import torch
+
     from dl_pipeline.train import checkpoint
     from dl_pipeline.train.outputs import write_outputs
 
@@ -241,9 +262,15 @@ def _finish(spec: RankSpec, model, comm, device, state: dict) -> dict[str, Any] 
         test, confusion = evaluate_split(spec, "test", model, comm, device)
     else:
         test, confusion = {"accuracy": None, "loss": None, "rows": 0}, None
+    rss = torch.zeros(comm.size, dtype=torch.float64)
+    rss[comm.rank] = _peak_rss_mb()
+    rss = comm.allreduce_sum(rss, "peak_rss")
     if not comm.is_root:
         return None
     metrics = {
+        "peak_rss_mb_per_rank": [round(float(v), 1) for v in rss],
+        "timing": {"rank_setup_s": round(clock["setup_s"], 3), "train_steps_s": round(clock["train_steps_s"], 3),
+                   "rank_total_s": round(time.perf_counter() - clock["t_start"], 3)},
         "val": val,
         "test": test,
         "epochs_run": state["epoch"],

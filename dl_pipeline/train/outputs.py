@@ -93,6 +93,20 @@ def _flat(prefix: str, doc: dict) -> dict[str, Any]:
     return out
 
 
+def _scalars(record: dict, skip=()) -> dict:
+    """The numeric entries of one metrics record as MLflow metrics; lists (per-rank figures such as
+    data_wait_fraction_per_rank) become one metric per rank, `<key>_rank<i>`."""
+    out = {}
+    for k, v in record.items():
+        if k in skip or v is None:
+            continue
+        if isinstance(v, (list, tuple)):
+            out.update({f"{k}_rank{i}": float(x) for i, x in enumerate(v)})
+        elif isinstance(v, (int, float)):
+            out[k] = float(v)
+    return out
+
+
 def log_to_mlflow(spec, metrics: dict) -> str | None:
     """Log params, per-epoch and final metrics and the bundle to MLflow; a no-op unless a
     tracking URI is configured (train.mlflow_tracking_uri or MLFLOW_TRACKING_URI). Returns the
@@ -115,7 +129,7 @@ def log_to_mlflow(spec, metrics: dict) -> str | None:
             params = _flat("", {k: spec.config[k] for k in ("model", "train", "features", "hogwild") if k in spec.config})
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             for h in metrics["history"]:
-                mlflow.log_metrics({k: float(v) for k, v in h.items() if k not in ("type", "epoch", "step")}, step=h["step"])
+                mlflow.log_metrics(_scalars(h, skip=("type", "epoch", "step")), step=h["step"])
             final = {f"final_{s}_{k}": float(v) for s in ("val", "test") for k, v in (metrics[s] or {}).items() if v is not None}
             mlflow.log_metrics(final)
             mlflow.log_artifacts(os.path.join(spec.run_dir, "model"), artifact_path="model")
