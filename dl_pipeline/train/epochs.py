@@ -205,7 +205,8 @@ def _end_of_epoch(spec: RankSpec, model, optimizer, comm, device, state: dict, s
     # [loss sum, samples, each rank's data wait fraction (one-hot: a sum gathers them)]
     local = torch.zeros(2 + comm.size, dtype=torch.float64)
     local[0], local[1] = stats["loss_sum"], float(stats["samples"])
-    local[2 + comm.rank] = stats["data_s"] / max(stats["step_s"], 1e-9)
+    wait = stats["data_s"] / max(stats["step_s"], 1e-9)
+    local[2 + comm.rank] = wait
     sums = comm.allreduce_sum(local, f"train.{epoch}")
     train_loss = float(sums[0]) / max(1.0, float(sums[1]))
     improved = val["loss"] < state["best_val_loss"] - 1e-6
@@ -215,7 +216,7 @@ def _end_of_epoch(spec: RankSpec, model, optimizer, comm, device, state: dict, s
     record = {
         "type": "epoch", "epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss,
         "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-        "data_wait_fraction": stats["data_s"] / max(stats["step_s"], 1e-9),  # rank 0's
+        "data_wait_fraction": wait,  # rank 0's (only rank 0 writes the record)
         "data_wait_fraction_per_rank": [round(float(v), 4) for v in sums[2:]],
         "samples_per_s": float(sums[1]) / max(stats["step_s"], 1e-9),
     }
