@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -34,20 +35,75 @@ class FastText(nn.Module):
         if "token_ids" not in batch and "length" in batch:
             batch = bag_inputs(batch["tokens"], batch["length"])
         if "token_ids" in batch:  # no work on padding: each bag is its row's real ids
-            return self.fc(self.embedding(batch["token_ids"], batch["token_offsets"]))
+            return self.fc(self._bags(batch))
         return self.fc(self.embedding(batch["tokens"].long()))
 
+    def _bags(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean embedding of each row's real ids, [B, D]. Real ids are never 0, so this
+        skips ``padding_idx``, which sends torch's CPU kernel down a path ~10x slower (1.2 vs
+        0.1 ms for 24k ids). With the batch's distinct ids known (``token_rows``, made ahead by
+        the data thread), the backward hands the optimizer an already coalesced gradient."""
+        weight = self.embedding.weight
+        if "token_rows" in batch and self.embedding.sparse and weight.requires_grad and torch.is_grad_enabled():
+            return _BagMean.apply(weight, batch["token_ids"], batch["token_offsets"],
+                                  batch["token_rows"], batch["token_inverse"])
+        return F.embedding_bag(batch["token_ids"], weight, batch["token_offsets"], mode="mean",
+                               sparse=self.embedding.sparse)
 
-def bag_inputs(tokens: torch.Tensor, length: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Padded ids int32 [B, T] + real lengths int32 [B] -> {token_ids [sum(length)], token_offsets
-    [B]}, both int32: the input ``EmbeddingBag`` takes with offsets, with no padding to gather,
-    scatter or update. Rows are stored with their real ids first (``features.hash_tokens``)."""
-    length = length.to(tokens.dtype)
-    mask = torch.arange(tokens.shape[1], dtype=tokens.dtype) < length[:, None]
-    offsets = torch.zeros_like(length)
+
+class _BagMean(torch.autograd.Function):
+    """``embedding_bag(mode="mean")`` whose backward is a coalesced sparse [V, D] gradient over
+    the batch's distinct rows (the same values torch's sparse backward gives, after
+    ``coalesce``): one ``index_add_`` of the N per-id rows onto the U distinct ones, with no
+    sort in the step (the data thread made ``rows``/``inverse``)."""
+
+    @staticmethod
+    def forward(ctx, weight, ids, offsets, rows, inverse):
+        ctx.save_for_backward(offsets, rows, inverse)
+        ctx.shape = weight.shape
+        ctx.n = len(ids)
+        return F.embedding_bag(ids, weight, offsets, mode="mean")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        offsets, rows, inverse = ctx.saved_tensors
+        lengths = torch.diff(offsets.long(), append=torch.tensor([ctx.n], device=offsets.device))
+        per_id = (grad_out / lengths.clamp(min=1).unsqueeze(1)).repeat_interleave(lengths, dim=0)
+        summed = per_id.new_zeros((len(rows), per_id.shape[1])).index_add_(0, inverse, per_id)
+        grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed, ctx.shape, is_coalesced=True, check_invariants=False)
+        return grad, None, None, None, None
+
+
+def bag_inputs(tokens, length, distinct: bool = False) -> dict:
+    """Padded ids int32 [B, T] + real lengths int32 [B] -> {token_ids [N = sum(length)],
+    token_offsets [B]}, both int32: the input ``EmbeddingBag`` takes with offsets, with no padding
+    to gather, scatter or update. Rows are stored with their real ids first
+    (``features.hash_tokens``). Takes numpy arrays (the data thread: ~7x faster than torch's
+    boolean indexing on CPU) or torch tensors (scoring, on any device) and returns the same kind.
+    ``distinct`` (numpy only) adds the batch's distinct ids for training (see ``distinct_ids``)."""
+    xp = torch if isinstance(tokens, torch.Tensor) else np
+    cols = torch.arange(tokens.shape[1], device=tokens.device) if xp is torch else np.arange(tokens.shape[1])
+    mask = cols < length[:, None]
+    offsets = xp.zeros_like(tokens[:, 0])
     if len(length) > 1:
-        offsets[1:] = torch.cumsum(length[:-1], 0)
-    return {"token_ids": tokens[mask], "token_offsets": offsets}
+        offsets[1:] = xp.cumsum(length[:-1], 0)
+    out = {"token_ids": tokens[mask], "token_offsets": offsets}
+    if distinct:
+        out["token_rows"], out["token_inverse"] = distinct_ids(out["token_ids"])
+    return out
+
+
+def distinct_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ids [N] -> (their distinct values ascending, int64 [U]; inverse int64 [N]) with
+    ids == rows[inverse]: what ``np.unique(return_inverse=True)`` gives, by marking a table of
+    max(ids) + 1 flags instead of sorting (0.3 vs 1.5 ms for 24k ids among 131k)."""
+    size = int(ids.max()) + 1 if len(ids) else 1
+    seen = np.zeros(size, dtype=bool)
+    seen[ids] = True
+    rows = np.flatnonzero(seen)
+    position = np.empty(size, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    return rows, position[ids]
 
 
 class CharCNN(nn.Module):

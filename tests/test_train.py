@@ -314,3 +314,36 @@ def test_mixed_adam_equals_adam_on_dense_and_sparse_adam_on_sparse():
             emb(x).sum().backward()
             opt.step()
     assert torch.allclose(e1.weight, e2.weight, atol=1e-6)
+
+
+def test_fasttext_training_step_equals_torchs_own_sparse_backward():
+    """The fast path (distinct ids made by the data thread, models._BagMean's coalesced gradient,
+    no padding_idx) must train exactly like torch's own sparse EmbeddingBag backward over the
+    padded rows, with the same optimizer."""
+    import numpy as np
+    from torch.nn import functional as F
+
+    from dl_pipeline.models import FastText, bag_inputs
+    from dl_pipeline.train.optim import MixedAdam
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    fast, ref = FastText(50, 8, 3, sparse=True), FastText(50, 8, 3, sparse=True)
+    ref.load_state_dict(fast.state_dict())
+    opt_fast, opt_ref = MixedAdam(fast.parameters(), lr=0.05), MixedAdam(ref.parameters(), lr=0.05)
+    for _ in range(6):
+        length = rng.integers(0, 12, 6).astype(np.int32)
+        length[0] = 0  # an empty row: its bag is zeros, it adds no gradient
+        tokens = (rng.integers(1, 51, (6, 12)) * (np.arange(12) < length[:, None])).astype(np.int32)
+        y = torch.from_numpy(rng.integers(0, 3, 6))
+        batch = {k: torch.from_numpy(v) for k, v in bag_inputs(tokens, length, distinct=True).items()}
+        assert torch.equal(batch["token_rows"][batch["token_inverse"]], batch["token_ids"].long())
+        opt_fast.zero_grad()
+        F.cross_entropy(fast(batch), y).backward()
+        opt_fast.step()
+        opt_ref.zero_grad()
+        F.cross_entropy(ref.fc(ref.embedding(torch.from_numpy(tokens).long())), y).backward()  # padding_idx 0
+        opt_ref.step()
+    assert fast.embedding.weight.grad._indices().shape[1] == len(batch["token_rows"])  # coalesced
+    for a, b in zip(fast.parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-7)

@@ -44,7 +44,8 @@ class MixedAdam(torch.optim.Optimizer):
                     v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(summed, summed, value=1 - beta2)
                     m.index_copy_(0, rows, m_rows)
                     v.index_copy_(0, rows, v_rows)
-                    p.index_add_(0, rows, m_rows / v_rows.sqrt_().add_(group["eps"] * math.sqrt(bc2)), alpha=-step_size)
+                    # the step scaled first: index_add_ with ``alpha`` takes a per-row loop, 5x slower
+                    p.index_add_(0, rows, m_rows.div(v_rows.sqrt_().add_(group["eps"] * math.sqrt(bc2))).mul_(-step_size))
                     continue
                 if group["weight_decay"]:
                     grad = grad.add(p, alpha=group["weight_decay"])
@@ -62,6 +63,10 @@ def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     indexing several times over on CPU (measured in bench/train_bench.py's ceiling).
     """
     idx, val = grad._indices()[0], grad._values()
+    # Strictly increasing ids are distinct rows already summed: models._BagMean's gradient (whose
+    # is_coalesced flag autograd's AccumulateGrad drops). ~20 us, against ~1.8 ms to coalesce.
+    if grad.is_coalesced() or len(idx) < 2 or bool((idx[1:] > idx[:-1]).all()):
+        return idx, val
     rows, inverse = torch.unique(idx, return_inverse=True)
     return rows, val.new_zeros((len(rows), val.shape[1])).index_add_(0, inverse, val)
 
