@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 AG_TRAIN = os.path.join(ROOT, "data", "sample", "ag_news", "train.csv.gz")
 AG_TEST = os.path.join(ROOT, "data", "sample", "ag_news", "test.csv.gz")
+SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))  # real samples, see its README
 
 
 def resampled_ag_news(n_rows: int, path: str, seed: int = 2015) -> str:
@@ -42,6 +43,23 @@ def resampled_ag_news(n_rows: int, path: str, seed: int = 2015) -> str:
             label, _, body = rows[rng.randrange(len(rows))]
             title = rows[rng.randrange(len(rows))][1]
             writer.writerow([label, title, body])
+    os.replace(tmp, path)
+    return path
+
+
+def yelp_full_as_polarity(path: str) -> str:
+    """The Yelp Review Full sample (1,000 rows, 5 star classes) as a polarity test file at ``path``:
+    stars 1-2 -> 1 (negative), 4-5 -> 2 (positive), 3 left out (800 rows). Every report that uses
+    it says so."""
+    if os.path.exists(path):
+        return path
+    with gzip.open(os.path.join(SHARED, "yelp_review_full", "sample.csv.gz"), "rt", encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh))
+    polarity = {"1": "1", "2": "1", "4": "2", "5": "2"}
+    tmp = path + ".tmp"
+    with gzip.open(tmp, "wt", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n")
+        writer.writerows([polarity[label], text] for label, text in rows if label in polarity)
     os.replace(tmp, path)
     return path
 
@@ -103,3 +121,43 @@ def spark_cpu_seconds() -> dict:
 
 def cpu_delta(before: dict, after: dict) -> dict:
     return {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
+
+
+def fasttext_peer(spark, cfg, workdir: str, epochs: int = 10) -> dict:
+    """The peer: fastText 0.9.3 (``wordNgrams=2 dim=50 lr=0.5``, 2 threads, ``epochs``) on exactly
+    our rows: the prepared train/test row ids joined back to their cleaned text, our tokens
+    space-joined, in our shards' (shuffled) order. Our val rows are not in its train file."""
+    import time
+
+    import fasttext
+    import pyarrow.parquet as pq
+    from pyspark.sql import functions as F
+
+    from dl_pipeline.features import tokenize
+    from dl_pipeline.prepare import _label_map, clean_content, parse_labels
+    from dl_pipeline.sources import read_raw
+
+    out = cfg.prepare.output_path
+    raw = read_raw(spark, cfg.data)
+    label_index, _, k = _label_map(spark, raw, cfg.data)
+    texts = (raw.transform(parse_labels(label_index, cfg.data.label_base, k)).transform(clean_content(cfg.data))
+             .where(F.col("reason").isNull()).select(F.lower(F.hex("h")).alias("row_id"), "text"))
+    text_of = dict(texts.dropDuplicates(["row_id"]).toPandas().itertuples(index=False))
+    files, rows = {}, {}
+    for split in ("train", "test"):
+        # our row order: fastText reads its file in order, we shuffle; give it our shards' (already shuffled) order
+        t = pq.read_table(os.path.join(out, split), columns=["row_id", "label"])
+        files[split] = os.path.join(workdir, f"fasttext_{split}.txt")
+        with open(files[split], "w") as fh:
+            for rid, label in zip(t["row_id"].to_pylist(), t["label"].to_pylist(), strict=True):
+                fh.write(f"__label__{label} {' '.join(tokenize(text_of[rid]))}\n")
+        rows[split] = t.num_rows
+    t0 = time.perf_counter()
+    model = fasttext.train_supervised(files["train"], wordNgrams=2, dim=50, lr=0.5, epoch=epochs, thread=2, verbose=0)
+    wall = time.perf_counter() - t0
+    n, accuracy, _ = model.test(files["test"])
+    assert n == rows["test"], (n, rows["test"])
+    return {"samples_per_s": round(rows["train"] * epochs / wall), "train_wall_s": round(wall, 2),
+            "test_accuracy": round(accuracy, 4), "train_rows": rows["train"], "test_rows": n,
+            "settings": f"fasttext {fasttext.__version__ if hasattr(fasttext, '__version__') else '0.9.3'}: "
+                        f"wordNgrams=2 dim=50 lr=0.5 epoch={epochs} thread=2 (its own tokens: ours, space-joined)"}

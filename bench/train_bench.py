@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from common import AG_TEST, AG_TRAIN, ROOT, emit, machine
+from common import AG_TEST, AG_TRAIN, ROOT, emit, fasttext_peer, machine
 
 from dl_pipeline.config import SparkConfig, load_config, replace
 from dl_pipeline.prepare import prepare_dataset
@@ -159,42 +159,6 @@ def reader_rates(spark, spec, workdir: str, workers: int = 2) -> dict:
     old = n / (time.perf_counter() - t0)
     return {"columnar_make_batch_reader_rows_per_s": round(new), "row_make_reader_rows_per_s": round(old),
             "ratio": round(new / old, 1), "reader_workers": workers, "batch_size": spec.batch_size}
-
-
-def fasttext_peer(spark, cfg, workdir: str, epochs: int) -> dict:
-    """fastText on our rows: the prepared train/test row ids joined back to their cleaned text."""
-    import fasttext
-    import pyarrow.parquet as pq
-    from pyspark.sql import functions as F
-
-    from dl_pipeline.features import tokenize
-    from dl_pipeline.prepare import _label_map, clean_content, parse_labels
-    from dl_pipeline.sources import read_raw
-
-    out = cfg.prepare.output_path
-    raw = read_raw(spark, cfg.data)
-    label_index, _, k = _label_map(spark, raw, cfg.data)
-    texts = (raw.transform(parse_labels(label_index, cfg.data.label_base, k)).transform(clean_content(cfg.data))
-             .where(F.col("reason").isNull()).select(F.lower(F.hex("h")).alias("row_id"), "text"))
-    text_of = dict(texts.dropDuplicates(["row_id"]).toPandas().itertuples(index=False))
-    files, rows = {}, {}
-    for split in ("train", "test"):
-        # our row order: fastText reads its file in order, we shuffle; give it our shards' (already shuffled) order
-        t = pq.read_table(os.path.join(out, split), columns=["row_id", "label"])
-        files[split] = os.path.join(workdir, f"fasttext_{split}.txt")
-        with open(files[split], "w") as fh:
-            for rid, label in zip(t["row_id"].to_pylist(), t["label"].to_pylist(), strict=True):
-                fh.write(f"__label__{label} {' '.join(tokenize(text_of[rid]))}\n")
-        rows[split] = t.num_rows
-    t0 = time.perf_counter()
-    model = fasttext.train_supervised(files["train"], wordNgrams=2, dim=50, lr=0.5, epoch=epochs, thread=2, verbose=0)
-    wall = time.perf_counter() - t0
-    n, accuracy, _ = model.test(files["test"])
-    assert n == rows["test"], (n, rows["test"])
-    return {"samples_per_s": round(rows["train"] * epochs / wall), "train_wall_s": round(wall, 2),
-            "test_accuracy": round(accuracy, 4), "train_rows": rows["train"], "test_rows": n,
-            "settings": f"fasttext {fasttext.__version__ if hasattr(fasttext, '__version__') else '0.9.3'}: "
-                        f"wordNgrams=2 dim=50 lr=0.5 epoch={epochs} thread=2 (its own tokens: ours, space-joined)"}
 
 
 def main() -> None:

@@ -83,6 +83,8 @@ def _column_values(column) -> np.ndarray:
     import pyarrow as pa
 
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return array.to_numpy(zero_copy_only=False).astype(np.str_)  # as Petastorm's own reader does
     if not pa.types.is_list(array.type):
         return array.to_numpy(zero_copy_only=False)
     offsets = array.offsets.to_numpy()
