@@ -152,9 +152,10 @@ class ModelConfig:
 class TrainConfig:
     """The training loop. ``batch_size`` is per rank; the learning rate is scaled by world size.
 
-    ``optimizer: auto``, ``lr: 0``, ``batch_size: 0``, ``lr_schedule: auto``, ``momentum: -1``
-    and ``warmup_epochs: -1`` take the model's recipe (``train/recipes.py``); set any of them to
-    override just that part.
+    ``optimizer: auto``, ``lr: 0``, ``batch_size: 0``, ``epochs: 0``, ``lr_schedule: auto``,
+    ``momentum: -1`` and ``warmup_epochs: -1`` take the model's recipe (``train/recipes.py``;
+    the batch shrinks on small data so an epoch has enough steps); set any of them to override
+    just that part.
     """
 
     data_path: str = ""
@@ -162,7 +163,7 @@ class TrainConfig:
     launcher: str = "spark"
     num_proc: int = 0
     mode: str = "sync"
-    epochs: int = 5
+    epochs: int = 0
     batch_size: int = 0
     optimizer: str = "auto"
     lr: float = 0.0
@@ -183,15 +184,21 @@ class TrainConfig:
     progress: bool = True
     mlflow_tracking_uri: str = ""
     mlflow_experiment: str = "dl_pipeline"
+    # transfer learning: warm-start from a trained bundle (train/transfer.py)
+    init_from: str = ""
+    freeze: tuple[str, ...] = ()
+    body_lr_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        _require(not self.freeze or bool(self.init_from), "train.freeze needs train.init_from (a pre-trained bundle to keep fixed)")
+        _require(self.body_lr_factor > 0, "train.body_lr_factor must be > 0 (the pre-trained body's LR = factor x LR)")
         _one_of("train", "launcher", self.launcher, ("spark", "horovodrun", "local"))
         _one_of("train", "mode", self.mode, ("sync", "hogwild"))
         _one_of("train", "optimizer", self.optimizer, ("auto", "sgd", "adam"))
         _one_of("train", "lr_schedule", self.lr_schedule, ("auto", "constant", "linear", "cosine"))
         _one_of("train", "device", self.device, ("auto", "cpu", "cuda"))
         _require(self.num_proc >= 0, "train.num_proc must be >= 0 (0 = every Spark task slot)")
-        _require(self.epochs >= 1, "train.epochs must be >= 1")
+        _require(self.epochs >= 0, "train.epochs must be >= 0 (0 = the model's recipe, with early stopping)")
         _require(self.batch_size >= 0, "train.batch_size must be >= 0 (0 = the model's recipe)")
         _require(self.lr >= 0, "train.lr must be >= 0 (0 = the model's recipe)")
         _require(self.momentum >= 0 or self.momentum == -1, "train.momentum must be >= 0 (-1 = the model's recipe)")

@@ -18,6 +18,10 @@ from torch import nn
 from torch.nn import functional as F
 
 FEATURE_OF = {"fasttext": "tokens", "char_cnn": "chars", "cnn": "image"}
+# Each model's top-level parts (``train.freeze`` names them) and its classifier head: the
+# parameters whose shape depends on the classes, rebuilt when a warm start changes the labels.
+PARTS = {"fasttext": ("embedding", "fc"), "char_cnn": ("convs", "fc"), "cnn": ("features", "fc")}
+HEAD = {"fasttext": "fc.", "char_cnn": "fc.6.", "cnn": "fc.5."}
 
 
 class FastText(nn.Module):

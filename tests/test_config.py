@@ -35,7 +35,7 @@ def test_defaults_and_yaml_diff_and_overrides(tmp_path):
         (["train.bogus=1"], "unknown key train.bogus"),
         (["nosuch.key=1"], "unknown section 'nosuch'"),
         (["train.epochs"], "expected section.key=value"),
-        (["train.epochs=0"], "train.epochs must be >= 1"),
+        (["train.epochs=-1"], "train.epochs must be >= 0"),
         (["train.launcher=mpi"], "train.launcher='mpi': must be one of spark, horovodrun, local"),
         (["train.resume=maybe"], "train.resume: expected bool"),
         (["shard.val_fraction=0.6", "shard.test_fraction=0.5"], "shard.val_fraction + shard.test_fraction must be < 1"),
@@ -70,6 +70,32 @@ def test_every_shipped_config_loads():
     for name in confs:
         cfg = load_config(os.path.join(ROOT, "conf", name))
         assert cfg.data.train_path, name
+
+
+def test_dataset_configs_hold_only_data_facts():
+    """A dataset's config says where its rows are and what they mean; how to train comes from
+    the model's recipe (train/recipes.py), so a new dataset gets the same untuned defaults."""
+    import yaml
+
+    allowed_train = {"data_path", "run_dir"}
+    for name in sorted(os.listdir(os.path.join(ROOT, "conf"))):
+        if not name.endswith(".yaml") or name == "demo.yaml":  # the demo trades epochs for a fast first run
+            continue
+        with open(os.path.join(ROOT, "conf", name)) as fh:
+            doc = yaml.safe_load(fh)
+        assert set(doc.get("train", {})) <= allowed_train, (name, doc["train"])
+        assert set(doc.get("model", {})) <= {"name"}, (name, doc["model"])  # images need an image model
+
+
+def test_recipe_batch_shrinks_on_small_data_only():
+    from dl_pipeline.train.recipes import batch_for, resolve
+
+    assert batch_for(256, 100_000, 128) == 256
+    assert batch_for(256, 4_933, 128) == 32  # AG News sample over 2 ranks: 154 steps an epoch
+    assert batch_for(256, 96, 128) == 16  # never below MIN_BATCH
+    r = resolve("fasttext", Config().train, 96)
+    assert (r.batch_size, r.epochs) == (16, 10)
+    assert resolve("fasttext", replace(Config(), train={"batch_size": 512, "epochs": 3}).train, 96).batch_size == 512
 
 
 def test_replace_and_json_roundtrip():

@@ -347,3 +347,62 @@ def test_fasttext_training_step_equals_torchs_own_sparse_backward():
     assert fast.embedding.weight.grad._indices().shape[1] == len(batch["token_rows"])  # coalesced
     for a, b in zip(fast.parameters(), ref.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-7)
+
+
+def _two_class_csv(path, rows=400):
+    """AG News test rows of classes 1 and 2 (World, Sports) as a new 2-class dataset."""
+    import csv
+    import gzip
+
+    from conftest import AG_TEST
+
+    with gzip.open(AG_TEST, "rt", encoding="utf-8", newline="") as fh:
+        picked = [r for r in csv.reader(fh) if r[0] in ("1", "2")][:rows]
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as out:
+        csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(picked)
+    return path
+
+
+def test_transfer_warm_start_replaces_head_and_keeps_frozen_embedding_exact(spark, ag_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import demo_config
+    from dl_pipeline.bundle import load_bundle
+    from dl_pipeline.config import replace
+    from dl_pipeline.prepare import prepare_dataset
+    from dl_pipeline.train.driver import train_model
+
+    source = os.path.join(ag_model[0].train.run_dir, "model")
+    cfg = demo_config(tmp_path, f"data.train_path={_two_class_csv(tmp_path / 'two.csv.gz')}", "data.test_path=",
+                      "data.num_classes=2", "data.label_names=[World,Sports]", "shard.test_fraction=0.2")
+    prepare_dataset(spark, cfg)
+    cfg = replace(cfg, train={"launcher": "local", "epochs": 2, "init_from": source, "freeze": ("embedding",),
+                              "body_lr_factor": 0.5})
+    metrics = train_model(cfg)
+    before = load_file(os.path.join(source, "model.safetensors"))
+    after = load_file(os.path.join(cfg.train.run_dir, "model", "model.safetensors"))
+    assert torch.equal(before["embedding.weight"], after["embedding.weight"])  # frozen: exactly unchanged
+    assert before["fc.weight"].shape[0] == 4 and after["fc.weight"].shape[0] == 2  # a new head for 2 classes
+    bundle = load_bundle(os.path.join(cfg.train.run_dir, "model"))
+    origin = bundle.metrics["init_from"]
+    assert origin["bundle"] == source and origin["head"] == "new" and origin["freeze"] == ["embedding"]
+    assert origin["model_version"] == load_bundle(source).version
+    assert metrics["test"]["accuracy"] > 0.6  # the pre-trained embedding separates World from Sports
+
+
+def test_transfer_featurizer_mismatch_is_one_line_exit_2(ag_model, tmp_path):
+    import shutil
+
+    cfg = ag_model[0]
+    bundle = tmp_path / "bundle"
+    shutil.copytree(os.path.join(cfg.train.run_dir, "model"), bundle)
+    feat = json.loads((bundle / "featurizer.json").read_text())
+    feat["tokens"]["buckets"] = 4096
+    (bundle / "featurizer.json").write_text(json.dumps(feat))
+    out = subprocess.run([sys.executable, "-m", "dl_pipeline.cli", "train", "--set", f"train.data_path={cfg.train.data_path}",
+                          "--set", f"train.run_dir={tmp_path}/run", "--set", "train.launcher=local",
+                          "--set", f"train.init_from={bundle}"], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "featurizer differs at tokens.buckets (bundle 4096" in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr

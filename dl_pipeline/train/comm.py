@@ -48,4 +48,5 @@ class Comm:
         if not self.hvd:
             return optimizer
         compression = self.hvd.Compression.fp16 if fp16 else self.hvd.Compression.none
-        return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), compression=compression)
+        return self.hvd.DistributedOptimizer(optimizer, compression=compression,
+                                             named_parameters=[(n, p) for n, p in model.named_parameters() if p.requires_grad])

@@ -15,7 +15,7 @@ from dl_pipeline import dataset, fsutil
 from dl_pipeline.config import Config
 from dl_pipeline.errors import PipelineError, UserError
 from dl_pipeline.models import FEATURE_OF, model_spec
-from dl_pipeline.train import recipes
+from dl_pipeline.train import recipes, transfer
 from dl_pipeline.train.spec import RankSpec
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,13 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
     if splits["val"]["rows"] == 0:
         raise UserError(f"{t.data_path}: the val split is empty; re-run prepare with shard.val_fraction > 0")
     _check_layout(cfg, splits, world_size)
-    r = recipes.resolve(cfg.model.name, t)
+    r = recipes.resolve(cfg.model.name, t, splits["train"]["rows"] // world_size)
     steps = t.steps_per_epoch or max(1, splits["train"]["rows"] // (world_size * r.batch_size))
     spec = model_spec(cfg.model.name, manifest["featurizer"], manifest["num_classes"], cfg.model.embed_dim,
                       cfg.model.char_cnn_size, cfg.model.dropout, cfg.model.sparse_embeddings)
+    warm: dict[str, Any] = {}
+    if t.init_from:  # the architecture is the bundle's; the head fits this dataset's classes
+        spec, warm = transfer.plan(t, cfg.model.name, manifest)
     peak = r.lr * (world_size if t.scale_lr else 1)
     readers = world_size * (cfg.hogwild.workers if t.mode == "hogwild" else 1)
     return RankSpec(
@@ -86,7 +89,7 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
         num_classes=manifest["num_classes"],
         label_base=manifest["label_base"],
         label_names=tuple(manifest["label_names"]),
-        epochs=t.epochs,
+        epochs=r.epochs,
         batch_size=r.batch_size,
         optimizer=r.optimizer,
         # Warm-up starts from the single-rank LR (Goyal et al. 2017); no warm-up: at peak at once.
@@ -115,6 +118,7 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
         mlflow_tracking_uri=t.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
         mlflow_experiment=t.mlflow_experiment,
         config=cfg.to_dict(),
+        transfer=warm,
         fail_at_step=int(os.environ.get("DL_PIPELINE_FAIL_AT_STEP", "0")),
     )
 

@@ -149,7 +149,12 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
     np.random.seed(spec.seed + comm.rank)
     device = _device(spec.device, comm)
     torch.set_num_threads(_threads(comm))
-    model = build_model(spec.model_spec).to(device)
+    model = build_model(spec.model_spec)
+    if spec.transfer:
+        from dl_pipeline.train.transfer import warm_start
+
+        warm_start(model, spec.model_spec["name"], spec.transfer)
+    model = model.to(device)
     if spec.mode == "hogwild":
         from dl_pipeline.train.hogwild import HogwildSteps
 

@@ -66,8 +66,8 @@ def train_one_epoch(
         batch = next(batches)
         data_s += time.perf_counter() - t0
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_for_step(step)
+        for group in optimizer.param_groups:  # lr_scale: a pre-trained body's share (transfer.py)
+            group["lr"] = lr_for_step(step) * group.get("lr_scale", 1.0)
         optimizer.zero_grad()  # set_to_none is the default; Horovod's wrapper takes no arguments
         loss = F.cross_entropy(model(batch), batch["label"].long())
         value = float(loss.detach())

@@ -81,18 +81,25 @@ def sparse_parameters(model: torch.nn.Module) -> set[int]:
 
 
 def build_optimizer(spec, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer a RankSpec names, over ``model``'s parameters.
+    """The optimizer a RankSpec names, over ``model``'s trainable parameters (frozen ones, see
+    ``train.freeze``, get none), one group per (sparse, LR scale).
 
     ``sgd``: plain SGD on sparse embeddings (fastText's own optimizer: each step touches only
     the rows a batch used; a momentum buffer would make it dense), ``spec.momentum`` and weight
     decay on the dense rest. ``adam``: MixedAdam (lazy updates of touched embedding rows).
+    ``lr_scale``: ``train.body_lr_factor`` for a warm-started body (transfer.py), else 1.
     """
-    if spec.optimizer == "adam":
-        return MixedAdam(model.parameters(), lr=spec.peak_lr, weight_decay=spec.weight_decay)
+    from dl_pipeline.train.transfer import lr_scale_of
+
     sparse = sparse_parameters(model)
-    groups = [
-        {"params": [p for p in model.parameters() if id(p) in sparse], "momentum": 0.0, "weight_decay": 0.0},
-        {"params": [p for p in model.parameters() if id(p) not in sparse]},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=spec.peak_lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = (id(p) in sparse, lr_scale_of(name, spec.model_spec["name"], spec.transfer))
+            groups.setdefault(key, []).append(p)
+    if spec.optimizer == "adam":
+        return MixedAdam([{"params": ps, "lr_scale": scale} for (_, scale), ps in groups.items()],
+                         lr=spec.peak_lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD([{"params": ps, "lr_scale": scale, **({"momentum": 0.0, "weight_decay": 0.0} if is_sparse else {})}
+                            for (is_sparse, scale), ps in groups.items()],
+                           lr=spec.peak_lr, momentum=spec.momentum, weight_decay=spec.weight_decay)

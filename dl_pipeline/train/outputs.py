@@ -77,7 +77,7 @@ def write_outputs(spec, model, metrics: dict, confusion: list[list[float]] | Non
     os.replace(tmp, os.path.join(run_dir, "metrics.json"))
     _plots(run_dir, metrics["history"], confusion, list(spec.label_names))
     labels = {"label_base": spec.label_base, "names": list(spec.label_names)}
-    final = {"val": metrics["val"], "test": metrics["test"]}
+    final = {"val": metrics["val"], "test": metrics["test"], **({"init_from": spec.transfer} if spec.transfer else {})}
     save_bundle(os.path.join(run_dir, "model"), model, spec.model_spec, spec.featurizer, labels, final)
     log_to_mlflow(spec, metrics)
 

@@ -61,6 +61,8 @@ class RankSpec:
     mlflow_tracking_uri: str = ""
     mlflow_experiment: str = "dl_pipeline"
     config: dict[str, Any] = field(default_factory=dict)
+    # warm start (train/transfer.py plan): bundle, model_version, head kept/new, freeze, body_lr_factor
+    transfer: dict[str, Any] = field(default_factory=dict)
     # test hook: the rank process dies (os._exit(17)) after this global step, like a lost node
     fail_at_step: int = 0
 
