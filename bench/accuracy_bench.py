@@ -55,15 +55,18 @@ def data_paths(name: str, workdir: str) -> list[str]:
     return paths[name]
 
 
-def run_case(spark, name: str, model: str, workdir: str, num_proc: int, peer: bool) -> dict:
+def run_case(spark, name: str, model: str, workdir: str, num_proc: int, peer: bool, extra: tuple[str, ...] = (),
+             run: str = "") -> dict:
+    """prepare (once per workdir) -> train with the defaults (+ ``extra``) -> (fastText peer)."""
     work = os.path.join(workdir, name)
     prepared = f"{work}/prepared"
-    run_dir = f"{work}/run-{model}"
+    run_dir = f"{work}/run-{run or model}"
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [*data_paths(name, workdir), f"prepare.output_path={prepared}", f"train.data_path={prepared}",
                  f"train.run_dir={run_dir}", f"train.num_proc={num_proc}", "train.progress=false"]
     if model != "default":
         overrides.append(f"model.name={model}")
+    overrides.extend(extra)
     cfg = load_config(os.path.join(ROOT, "conf", CONF[name]), overrides)
     t0 = time.perf_counter()
     if not os.path.exists(f"{prepared}/manifest.json"):
@@ -82,6 +85,7 @@ def run_case(spark, name: str, model: str, workdir: str, num_proc: int, peer: bo
         "prepare_s": round(t1 - t0, 1),
         "train_wall_s": round(t2 - t1, 1),
         "world_size": metrics["world_size"],
+        "bundle": os.path.join(run_dir, "model"),
     }
     if peer:
         ft = fasttext_peer(spark, cfg, work, 10)
