@@ -178,6 +178,7 @@ class TrainConfig:
     steps_per_epoch: int = 0
     reader_workers: int = 1
     shuffle_buffer: int = 16384
+    cache_mb: int = 1024
     device: str = "auto"
     resume: bool = False
     log_every_steps: int = 50
@@ -206,6 +207,7 @@ class TrainConfig:
         _require(self.steps_per_epoch >= 0, "train.steps_per_epoch must be >= 0 (0 = rows / world / batch)")
         _require(self.reader_workers >= 1, "train.reader_workers must be >= 1")
         _require(self.shuffle_buffer >= 0, "train.shuffle_buffer must be >= 0 (rows)")
+        _require(self.cache_mb >= 0, "train.cache_mb must be >= 0 (MiB per reader; 0 = stream every pass from Parquet)")
         _require(self.log_every_steps >= 1, "train.log_every_steps must be >= 1")
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0 (0 = at epoch ends only)")
 

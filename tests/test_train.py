@@ -118,15 +118,17 @@ def _processes_marked(mark):
     return found
 
 
-def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(small_uneven, tmp_path):
-    data = small_uneven.prepare.output_path
-    whole = _cli_train(tmp_path / "whole", data)
+@pytest.mark.parametrize("cache_mb", ["1024", "0"], ids=["resident", "streamed"])
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(small_uneven, tmp_path, cache_mb):
+    data, cache = small_uneven.prepare.output_path, ("--set", f"train.cache_mb={cache_mb}")
+    whole = _cli_train(tmp_path / "whole", data, *cache)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    crashed = _cli_train(tmp_path / "run", data, env={"DL_PIPELINE_FAIL_AT_STEP": "60"})
+    crashed = _cli_train(tmp_path / "run", data, *cache, env={"DL_PIPELINE_FAIL_AT_STEP": "60"})
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     assert not (tmp_path / "run" / "metrics.json").exists()
-    resumed = _cli_train(tmp_path / "run", data, "--resume")
+    resumed = _cli_train(tmp_path / "run", data, *cache, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert ("held in memory" if cache_mb != "0" else "streamed from Parquet") in resumed.stderr
     assert "resumed from step 50" in resumed.stderr  # the step-25 and step-50 checkpoints, then epoch 1 at 40
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))
     assert metrics["global_step"] == 80 and metrics["epochs_run"] == 2
@@ -406,3 +408,29 @@ def test_transfer_featurizer_mismatch_is_one_line_exit_2(ag_model, tmp_path):
     lines = [line for line in out.stderr.splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and "featurizer differs at tokens.buckets (bundle 4096" in lines[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_resident_shard_batches_are_the_padded_rows_real_ids():
+    """ResidentShard.take gives each row's real ids end to end, as bag_inputs does from the
+    padded rows; an epoch is whole permutations, and a resumed epoch (skip) is its tail."""
+    import numpy as np
+
+    from dl_pipeline.models import bag_inputs
+    from dl_pipeline.train.data import ResidentShard
+
+    rng = np.random.default_rng(3)
+    length = rng.integers(1, 9, 50).astype(np.int32)
+    tokens = np.where(np.arange(8) < length[:, None], rng.integers(1, 1000, (50, 8)), 0).astype(np.int32)
+    label = np.arange(50, dtype=np.int32)
+    held = ResidentShard({"label": label, "tokens": tokens, "length": length})
+    idx = rng.permutation(50)[:17]
+    got, want = held.take(idx), bag_inputs(tokens[idx], length[idx])
+    assert np.array_equal(got["label"], label[idx])
+    assert np.array_equal(got["token_ids"], want["token_ids"]) and np.array_equal(got["token_offsets"], want["token_offsets"])
+    batches = list(held.epoch_batches(np.random.default_rng(5), 16, 7))  # 112 rows: 2 permutations and a bit
+    seen = np.concatenate([b["label"] for b in batches])
+    assert len(seen) == 112 and sorted(seen[:50]) == list(range(50))
+    assert len(set(seen[:96].tolist())) == 50
+    tail = list(held.epoch_batches(np.random.default_rng(5), 16, 7, skip=4))
+    assert len(tail) == 3 and all(np.array_equal(a["label"], b["label"]) for a, b in zip(batches[4:], tail))
+    assert np.array_equal(np.concatenate([b["label"] for b in held.ordered_batches(16)]), label)

@@ -16,7 +16,7 @@ from dl_pipeline.config import Config
 from dl_pipeline.errors import PipelineError, UserError
 from dl_pipeline.models import FEATURE_OF, model_spec
 from dl_pipeline.train import recipes, transfer
-from dl_pipeline.train.spec import RankSpec
+from dl_pipeline.train.spec import RankSpec, columns_of
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,25 @@ def _check_layout(cfg: Config, splits: dict[str, Any], world_size: int) -> None:
         if splits[split]["rows"] and world_size > groups:
             raise UserError(f"world size {world_size} > {groups} row groups in the {split} split of {t.data_path}: lower "
                             f"train.num_proc or re-run prepare with shard.max_workers >= {world_size}")
+
+
+def shard_mib(manifest: dict[str, Any], columns: tuple[str, ...], readers: int, splits: tuple[str, ...]) -> float:
+    """The decoded size of the largest shard of ``splits`` one of ``readers`` holds, MiB: its rows
+    (Petastorm deals row groups out round-robin) x the columns' bytes per row, padding counted
+    (an upper bound: token rows are held without it)."""
+    itemsize = {"int32": 4, "int64": 8, "uint8": 1, "float32": 4, "float64": 8}
+    row_bytes = 0
+    for c in columns:
+        field = manifest["schema"][c]
+        n = 1
+        for d in field["shape"]:
+            n *= d
+        row_bytes += n * itemsize.get(field["dtype"], 8)
+    total = 0
+    for split in splits:
+        groups = manifest["splits"][split].get("rows_per_row_group") or [manifest["splits"][split]["rows"]]
+        total += max(sum(groups[r::readers]) for r in range(min(readers, len(groups))))
+    return total * row_bytes / 2**20
 
 
 def rank_spec(cfg: Config, world_size: int) -> RankSpec:
@@ -108,6 +127,7 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
         reader_workers=t.reader_workers,
         # A pool larger than the reader's whole shard would only hold rows of the next pass.
         shuffle_buffer=min(t.shuffle_buffer, max(r.batch_size, -(-splits["train"]["rows"] // readers))),
+        resident=shard_mib(manifest, columns_of(feature), readers, ("train", "val")) <= t.cache_mb,
         device=t.device,
         mode=t.mode,
         hogwild_workers=cfg.hogwild.workers,
@@ -141,9 +161,10 @@ def train_model(cfg: Config, spark=None) -> dict[str, Any]:
     if not spec.resume and os.path.exists(os.path.join(spec.run_dir, "metrics.jsonl")):
         os.remove(os.path.join(spec.run_dir, "metrics.jsonl"))
     log.info("training %s (%s mode) on %d rank(s) via %s: %s, global batch %d, peak lr %g (%s schedule, %d warm-up steps), "
-             "%d steps/epoch x %d epochs", cfg.model.name, spec.mode, n, cfg.train.launcher, spec.optimizer,
+             "%d steps/epoch x %d epochs; shards %s", cfg.model.name, spec.mode, n, cfg.train.launcher, spec.optimizer,
              spec.batch_size * n * (spec.hogwild_workers if spec.mode == "hogwild" else 1), spec.peak_lr, spec.lr_schedule,
-             spec.warmup_steps, spec.steps_per_epoch, spec.epochs)
+             spec.warmup_steps, spec.steps_per_epoch, spec.epochs,
+             "held in memory after one read" if spec.resident else f"streamed from Parquet every pass (train.cache_mb={cfg.train.cache_mb})")
     launch = LAUNCHERS[cfg.train.launcher]
     if cfg.train.launcher == "local":
         metrics = launch(spec, cfg, n, spark)

@@ -52,8 +52,9 @@ class SyncSteps:
         self.spec, self.model, self.comm, self.device = spec, model, comm, device
         self.optimizer = comm.distributed_optimizer(build_optimizer(spec, model), model, spec.fp16_allreduce)
 
-    def start(self, first_epoch: int, skip: int) -> None:
-        """Open the batch feed at ``first_epoch``, ``skip`` steps in (a mid-epoch resume)."""
+    def start(self, first_epoch: int, skip: int, held=None) -> None:
+        """Open the batch feed at ``first_epoch``, ``skip`` steps in (a mid-epoch resume);
+        ``held``: a Future of this rank's train shard already being read (data.preload)."""
         import contextlib
 
         from dl_pipeline.train.data import train_batches
@@ -64,6 +65,7 @@ class SyncSteps:
             f"{s.data_url}/train", s.columns, s.shapes, c.rank, c.size, first_epoch=first_epoch, epochs=s.epochs,
             steps_per_epoch=lambda _: s.steps_per_epoch, seed=s.seed, batch_size=s.batch_size,
             buffer_rows=s.shuffle_buffer, workers=s.reader_workers, pin=self.device.type == "cuda", skip=skip,
+            resident=held if held is not None else s.resident,
         ))
 
     def run(self, epoch: int, first_step: int, steps: int, on_step) -> dict[str, Any]:
@@ -78,13 +80,19 @@ class SyncSteps:
             self._stack.close()
 
 
-def evaluate_split(spec: RankSpec, split: str, model, comm, device) -> tuple[dict, Any]:
-    """(accuracy, loss, rows) of ``split`` over all ranks' shards, and its confusion [K, K]."""
-    from dl_pipeline.train.data import eval_stream
+def evaluate_split(spec: RankSpec, split: str, model, comm, device, held: dict | None = None) -> tuple[dict, Any]:
+    """(accuracy, loss, rows) of ``split`` over all ranks' shards, and its confusion [K, K].
+    ``held``: split -> this rank's shard in memory; a resident run (spec.resident) reads ``val``,
+    which every epoch evaluates, once and keeps it there."""
+    from dl_pipeline.train.data import ResidentShard, eval_stream
     from dl_pipeline.train.loop import evaluate, summarize_eval
 
-    with eval_stream(f"{spec.data_url}/{split}", spec.columns, spec.shapes, comm.rank, comm.size,
-                     batch_size=max(256, spec.batch_size), workers=spec.reader_workers, pin=device.type == "cuda") as batches:
+    url = f"{spec.data_url}/{split}"
+    if held is not None and spec.resident and split == "val" and split not in held:
+        held[split] = ResidentShard.read(url, spec.columns, spec.shapes, comm.rank, comm.size)
+    with eval_stream(url, spec.columns, spec.shapes, comm.rank, comm.size, batch_size=max(256, spec.batch_size),
+                     workers=spec.reader_workers, pin=device.type == "cuda",
+                     held=(held or {}).get(split)) as batches:
         sums = evaluate(model, batches, spec.num_classes, device)
     sums = {k: comm.allreduce_sum(v, f"eval.{split}.{k}") for k, v in sums.items()}
     return summarize_eval(sums), sums["confusion"]
@@ -142,6 +150,11 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
     warm = threading.Thread(target=importlib.import_module, args=("petastorm",), daemon=True)
     warm.start()
     comm = Comm(spec.use_horovod)
+    held_train = None
+    if spec.resident and spec.mode == "sync":  # Hogwild workers read their own sub-shards
+        from dl_pipeline.train.data import preload
+
+        held_train = preload(f"{spec.data_url}/train", spec.columns, spec.shapes, comm.rank, comm.size)
     if comm.is_root:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s rank0: %(message)s", stream=sys.stderr)
     quiet_libraries()
@@ -179,7 +192,8 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
     on_step = _StepLog(spec, comm, metrics_log, save_mid_epoch)
     steps = spec.steps_per_epoch
     in_epoch = state["global_step"] - state["epoch"] * steps  # > 0 only after a mid-epoch resume
-    stepper.start(state["epoch"], in_epoch)
+    stepper.start(state["epoch"], in_epoch, held_train)
+    held: dict = {}  # split -> this rank's shard in memory (evaluate_split)
     clock = {"setup_s": time.perf_counter() - t_start, "train_steps_s": 0.0}
     try:
         while state["epoch"] < spec.epochs:
@@ -192,21 +206,22 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
                 raise RuntimeError(str(exc)) from None
             state["global_step"] = (epoch + 1) * steps
             clock["train_steps_s"] += stats["step_s"]
-            if _end_of_epoch(spec, model, stepper.optimizer, comm, device, state, stats, metrics_log):
+            if _end_of_epoch(spec, model, stepper.optimizer, comm, device, state, stats, metrics_log, held):
                 break
     finally:
         stepper.close()
-    return _finish(spec, model, comm, device, state, {**clock, "t_start": t_start})
+    return _finish(spec, model, comm, device, state, {**clock, "t_start": t_start}, held)
 
 
-def _end_of_epoch(spec: RankSpec, model, optimizer, comm, device, state: dict, stats: dict, metrics_log) -> bool:
+def _end_of_epoch(spec: RankSpec, model, optimizer, comm, device, state: dict, stats: dict, metrics_log,
+                  held: dict) -> bool:
     """Evaluate, track the best model, log, checkpoint; returns True to stop early."""
     import torch
 
     from dl_pipeline.train import checkpoint
 
     epoch = state["epoch"]
-    val, _ = evaluate_split(spec, "val", model, comm, device)
+    val, _ = evaluate_split(spec, "val", model, comm, device, held)
     # [loss sum, samples, each rank's data wait fraction (one-hot: a sum gathers them)]
     local = torch.zeros(2 + comm.size, dtype=torch.float64)
     local[0], local[1] = stats["loss_sum"], float(stats["samples"])
@@ -250,7 +265,7 @@ def _peak_rss_mb() -> float:
     return kib / 1024
 
 
-def _finish(spec: RankSpec, model, comm, device, state: dict, clock: dict) -> dict[str, Any] | None:
+def _finish(spec: RankSpec, model, comm, device, state: dict, clock: dict, held: dict) -> dict[str, Any] | None:
     """Reload the best weights, evaluate val and test on all ranks, rank 0 writes the outputs.
 
     ``clock``: this rank's ``t_start`` (perf_counter), ``setup_s`` (start to the first step's
@@ -263,7 +278,7 @@ def _finish(spec: RankSpec, model, comm, device, state: dict, clock: dict) -> di
     if comm.is_root:
         checkpoint.load_best(spec.run_dir, model)
     comm.broadcast_model(model)
-    val, _ = evaluate_split(spec, "val", model, comm, device)
+    val, _ = evaluate_split(spec, "val", model, comm, device, held)
     if spec.test_rows:
         test, confusion = evaluate_split(spec, "test", model, comm, device)
     else:

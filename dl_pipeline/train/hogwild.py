@@ -56,7 +56,7 @@ def _worker(w: int, rank: int, size: int, spec, model, first_epoch: int, skip: i
     with train_batches(f"{spec.data_url}/train", spec.columns, spec.shapes, shard, size * workers,
                        first_epoch=first_epoch, epochs=spec.epochs, steps_per_epoch=per_epoch, seed=spec.seed,
                        batch_size=spec.batch_size, buffer_rows=spec.shuffle_buffer, workers=spec.reader_workers,
-                       skip=skipped) as batches:
+                       skip=skipped, resident=spec.resident) as batches:
         while True:
             try:
                 cmd = commands.get(timeout=POLL_S)
@@ -82,9 +82,9 @@ class HogwildSteps:
         self.optimizer = None  # each worker has its own; checkpoints hold the shared weights only
         self.procs: list = []
 
-    def start(self, first_epoch: int, skip: int) -> None:
+    def start(self, first_epoch: int, skip: int, held=None) -> None:
         """Start the workers at ``first_epoch``, ``skip`` steps in (after a resume has loaded
-        the weights they share)."""
+        the weights they share). ``held`` is not used: each worker reads its own sub-shard."""
         import torch.multiprocessing as mp
 
         self.model.share_memory()

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def columns_of(feature: str) -> tuple[str, ...]:
+    """The columns a training batch reads: the label, the feature, and its lengths."""
+    return ("label", feature, *(("length",) if feature == "tokens" else ()))
+
+
 @dataclass(frozen=True)
 class RankSpec:
     # data: a prepared dataset (dataset.py) and the feature the model reads
@@ -49,6 +54,7 @@ class RankSpec:
     # reading
     reader_workers: int = 1
     shuffle_buffer: int = 16384
+    resident: bool = False  # each reader holds its train and val shards in memory (data.ResidentShard)
     # placement and communication
     device: str = "auto"
     mode: str = "sync"
@@ -89,8 +95,7 @@ class RankSpec:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The columns a training batch reads: the label, the feature, and its lengths."""
-        return ("label", self.feature, *(("length",) if self.feature == "tokens" else ()))
+        return columns_of(self.feature)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
