@@ -50,7 +50,7 @@ class FastText(nn.Module):
         weight = self.embedding.weight
         if "token_rows" in batch and self.embedding.sparse and weight.requires_grad and torch.is_grad_enabled():
             return _BagMean.apply(weight, batch["token_ids"], batch["token_offsets"],
-                                  batch["token_rows"], batch["token_inverse"])
+                                  batch["token_rows"], batch["token_row_bags"], batch["token_row_offsets"])
         return F.embedding_bag(batch["token_ids"], weight, batch["token_offsets"], mode="mean",
                                sparse=self.embedding.sparse)
 
@@ -58,24 +58,27 @@ class FastText(nn.Module):
 class _BagMean(torch.autograd.Function):
     """``embedding_bag(mode="mean")`` whose backward is a coalesced sparse [V, D] gradient over
     the batch's distinct rows (the same values torch's sparse backward gives, after
-    ``coalesce``): one ``index_add_`` of the N per-id rows onto the U distinct ones, with no
-    sort in the step (the data thread made ``rows``/``inverse``)."""
+    ``coalesce``), summed by one more ``embedding_bag``: row u's gradient is the sum, over the
+    bags b it occurs in (with multiplicity), of grad_out[b] / length[b], so with the
+    occurrences grouped by row (``bag_groups``, made by the data thread) it is a weighted bag
+    sum over grad_out [B, D]. Measured at batch 256 (24k ids, 12k distinct): 0.12 ms against
+    1.3 ms for the per-id rows + ``index_add_`` it replaces (torch runs that as scatter_add)."""
 
     @staticmethod
-    def forward(ctx, weight, ids, offsets, rows, inverse):
-        ctx.save_for_backward(offsets, rows, inverse)
+    def forward(ctx, weight, ids, offsets, rows, row_bags, row_offsets):
+        ctx.save_for_backward(offsets, rows, row_bags, row_offsets)
         ctx.shape = weight.shape
         ctx.n = len(ids)
         return F.embedding_bag(ids, weight, offsets, mode="mean")
 
     @staticmethod
     def backward(ctx, grad_out):
-        offsets, rows, inverse = ctx.saved_tensors
+        offsets, rows, row_bags, row_offsets = ctx.saved_tensors
         lengths = torch.diff(offsets.long(), append=torch.tensor([ctx.n], device=offsets.device))
-        per_id = (grad_out / lengths.clamp(min=1).unsqueeze(1)).repeat_interleave(lengths, dim=0)
-        summed = per_id.new_zeros((len(rows), per_id.shape[1])).index_add_(0, inverse, per_id)
+        weights = lengths.clamp(min=1).to(grad_out.dtype).reciprocal()[row_bags]
+        summed = F.embedding_bag(row_bags, grad_out.contiguous(), row_offsets, mode="sum", per_sample_weights=weights)
         grad = torch.sparse_coo_tensor(rows.unsqueeze(0), summed, ctx.shape, is_coalesced=True, check_invariants=False)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def bag_inputs(tokens, length, distinct: bool = False) -> dict:
@@ -84,7 +87,7 @@ def bag_inputs(tokens, length, distinct: bool = False) -> dict:
     to gather, scatter or update. Rows are stored with their real ids first
     (``features.hash_tokens``). Takes numpy arrays (the data thread: ~7x faster than torch's
     boolean indexing on CPU) or torch tensors (scoring, on any device) and returns the same kind.
-    ``distinct`` (numpy only) adds the batch's distinct ids for training (see ``distinct_ids``)."""
+    ``distinct`` (numpy only) adds what training's backward wants (see ``bag_groups``)."""
     xp = torch if isinstance(tokens, torch.Tensor) else np
     cols = torch.arange(tokens.shape[1], device=tokens.device) if xp is torch else np.arange(tokens.shape[1])
     mask = cols < length[:, None]
@@ -93,21 +96,30 @@ def bag_inputs(tokens, length, distinct: bool = False) -> dict:
         offsets[1:] = xp.cumsum(length[:-1], 0)
     out = {"token_ids": tokens[mask], "token_offsets": offsets}
     if distinct:
-        out["token_rows"], out["token_inverse"] = distinct_ids(out["token_ids"])
+        out.update(bag_groups(out["token_ids"], out["token_offsets"]))
     return out
 
 
-def distinct_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ids [N] -> (their distinct values ascending, int64 [U]; inverse int64 [N]) with
-    ids == rows[inverse]: what ``np.unique(return_inverse=True)`` gives, by marking a table of
-    max(ids) + 1 flags instead of sorting (0.3 vs 1.5 ms for 24k ids among 131k)."""
-    size = int(ids.max()) + 1 if len(ids) else 1
-    seen = np.zeros(size, dtype=bool)
-    seen[ids] = True
-    rows = np.flatnonzero(seen)
-    position = np.empty(size, dtype=np.int64)
-    position[rows] = np.arange(len(rows))
-    return rows, position[ids]
+def bag_groups(ids: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch's ids [N] in bags starting at ``offsets`` [B] -> its distinct ids and, for each,
+    the bags it occurs in, grouped (what ``_BagMean.backward`` sums over):
+    ``token_rows`` int64 [U] the distinct ids ascending; ``token_row_bags`` int64 [N] the bag of
+    every occurrence, ordered by id (stable); ``token_row_offsets`` int64 [U] where each id's
+    group starts. One stable sort of the ids, as radix passes over 16-bit digits (numpy sorts
+    integers of <= 16 bits by radix): ~0.3 ms for 24k ids at batch 256, in the data thread,
+    against ~1.2 ms for a comparison sort of the int32 ids."""
+    n = len(ids)
+    bags = np.repeat(np.arange(len(offsets)), np.diff(offsets, append=n))
+    order = np.argsort(ids.astype(np.uint16), kind="stable")  # the low 16 bits (astype wraps)
+    high = ids[order] >> 16
+    if n and high.max() > 0:  # hash buckets past 2^16: a second pass on the high digit
+        order = order[np.argsort(high.astype(np.uint16), kind="stable")]
+    ordered = ids[order]
+    first = np.empty(n, dtype=bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    return {"token_rows": ordered[starts].astype(np.int64), "token_row_bags": bags[order], "token_row_offsets": starts}
 
 
 class CharCNN(nn.Module):

@@ -339,7 +339,13 @@ def test_fasttext_training_step_equals_torchs_own_sparse_backward():
         tokens = (rng.integers(1, 51, (6, 12)) * (np.arange(12) < length[:, None])).astype(np.int32)
         y = torch.from_numpy(rng.integers(0, 3, 6))
         batch = {k: torch.from_numpy(v) for k, v in bag_inputs(tokens, length, distinct=True).items()}
-        assert torch.equal(batch["token_rows"][batch["token_inverse"]], batch["token_ids"].long())
+        rows = batch["token_rows"]  # distinct, ascending; every id's row lists its bag
+        assert torch.equal(rows, torch.unique(batch["token_ids"].long()))
+        for u, start in enumerate(batch["token_row_offsets"].tolist()):
+            end = batch["token_row_offsets"][u + 1] if u + 1 < len(rows) else len(batch["token_ids"])
+            bags = batch["token_row_bags"][start:end]
+            want = [b for b in range(6) for i in range(length[b]) if tokens[b, i] == rows[u]]
+            assert bags.tolist() == want
         opt_fast.zero_grad()
         F.cross_entropy(fast(batch), y).backward()
         opt_fast.step()
@@ -432,5 +438,5 @@ def test_resident_shard_batches_are_the_padded_rows_real_ids():
     assert len(seen) == 112 and sorted(seen[:50]) == list(range(50))
     assert len(set(seen[:96].tolist())) == 50
     tail = list(held.epoch_batches(np.random.default_rng(5), 16, 7, skip=4))
-    assert len(tail) == 3 and all(np.array_equal(a["label"], b["label"]) for a, b in zip(batches[4:], tail))
+    assert len(tail) == 3 and all(np.array_equal(a["label"], b["label"]) for a, b in zip(batches[4:], tail, strict=True))
     assert np.array_equal(np.concatenate([b["label"] for b in held.ordered_batches(16)]), label)

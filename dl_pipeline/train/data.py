@@ -138,18 +138,19 @@ def ordered_batches(groups: Iterable[dict[str, np.ndarray]], batch_size: int) ->
 def to_tensors(batch: dict[str, np.ndarray], pin: bool = False, distinct: bool = False) -> dict[str, Any]:
     """numpy columns -> the model's input tensors: ``label`` int64 [B]; ``tokens`` with
     ``length`` -> ``token_ids`` + ``token_offsets`` (models.bag_inputs), or those two as given
-    (a ResidentShard's batches); ``distinct`` adds the batch's distinct ids (``token_rows``,
-    ``token_inverse``), which training wants, here in the data thread and not in the step;
+    (a ResidentShard's batches); ``distinct`` adds the batch's distinct ids and their bags
+    (models.bag_groups), which training's backward wants, here in the data thread and not in
+    the step;
     others as stored."""
     import torch
 
-    from dl_pipeline.models import bag_inputs, distinct_ids
+    from dl_pipeline.models import bag_groups, bag_inputs
 
     batch = dict(batch)
     if "tokens" in batch and "length" in batch:
         batch.update(bag_inputs(batch.pop("tokens"), batch.pop("length")))
     if distinct and "token_ids" in batch:
-        batch["token_rows"], batch["token_inverse"] = distinct_ids(batch["token_ids"])
+        batch.update(bag_groups(batch["token_ids"], batch["token_offsets"]))
     out = {"label": torch.from_numpy(batch.pop("label").astype(np.int64))}
     with warnings.catch_warnings():
         # Petastorm's arrays are read-only; the tensors made from them are only ever read
@@ -356,7 +357,7 @@ def _passes(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shar
 def train_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
                   first_epoch: int, epochs: int, steps_per_epoch: Callable[[int], int], seed: int, batch_size: int,
                   buffer_rows: int, workers: int, pin: bool = False, skip: int = 0,
-                  resident: bool | Future = False) -> Iterator[Iterator[dict[str, Any]]]:
+                  resident: bool | Future = False, background: bool = True) -> Iterator[Iterator[dict[str, Any]]]:
     """The training batches (tensors) of epochs ``first_epoch`` .. ``epochs - 1`` back to back,
     ``steps_per_epoch(epoch)`` of each, made in one background thread: the next epoch's reader
     opens and fills its shuffle pool while this epoch ends and the model is evaluated, so no
@@ -364,7 +365,8 @@ def train_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]]
     ``resident``: the shard is read once and held (ResidentShard; a Future of it: already being
     read, see ``preload``), each epoch one seeded permutation of all its rows; otherwise
     streamed from Parquet pass after pass. Either way
-    each epoch's batches depend only on (seed, shard, epoch), never on where a run started."""
+    each epoch's batches depend only on (seed, shard, epoch), never on where a run started.
+    ``background=False`` makes each batch when it is asked for, in the caller's thread."""
 
     def batches():
         if isinstance(resident, Future):
@@ -382,7 +384,7 @@ def train_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]]
             for batch in epoch_iter:
                 yield to_tensors(batch, pin, distinct=True)
 
-    feed = Prefetcher(batches())
+    feed = Prefetcher(batches()) if background else batches()
     try:
         yield feed
     finally:
