@@ -112,7 +112,11 @@ def bag_groups(ids: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
     bags = np.repeat(np.arange(len(offsets)), np.diff(offsets, append=n))
     order = np.argsort(ids.astype(np.uint16), kind="stable")  # the low 16 bits (astype wraps)
     high = ids[order] >> 16
-    if n and high.max() > 0:  # hash buckets past 2^16: a second pass on the high digit
+    top = int(high.max()) if n else 0
+    if top == 1:  # ids up to 2^17 (the default buckets): a stable partition on the 17th bit
+        low = high == 0
+        order = np.concatenate([order[low], order[~low]])
+    elif top > 1:  # more buckets: a second radix pass on the high digit
         order = order[np.argsort(high.astype(np.uint16), kind="stable")]
     ordered = ids[order]
     first = np.empty(n, dtype=bool)

@@ -440,3 +440,21 @@ def test_resident_shard_batches_are_the_padded_rows_real_ids():
     tail = list(held.epoch_batches(np.random.default_rng(5), 16, 7, skip=4))
     assert len(tail) == 3 and all(np.array_equal(a["label"], b["label"]) for a, b in zip(batches[4:], tail, strict=True))
     assert np.array_equal(np.concatenate([b["label"] for b in held.ordered_batches(16)]), label)
+
+
+@pytest.mark.parametrize("buckets", [60_000, 1 << 17, 1 << 20])
+def test_bag_groups_match_a_sort_of_the_ids(buckets):
+    """models.bag_groups (radix passes, a partition on the 17th bit) equals a plain stable sort."""
+    import numpy as np
+
+    from dl_pipeline.models import bag_groups
+
+    rng = np.random.default_rng(buckets)
+    lengths = rng.integers(0, 300, 64)
+    ids = rng.integers(1, buckets + 1, int(lengths.sum())).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int32)
+    got = bag_groups(ids, offsets)
+    order = np.argsort(ids, kind="stable")
+    rows, starts = np.unique(ids[order], return_index=True)
+    assert np.array_equal(got["token_rows"], rows) and np.array_equal(got["token_row_offsets"], starts)
+    assert np.array_equal(got["token_row_bags"], np.repeat(np.arange(64), lengths)[order])
