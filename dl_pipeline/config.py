@@ -140,9 +140,14 @@ class ModelConfig:
     char_cnn_size: str = "small"
     dropout: float = 0.5
     sparse_embeddings: bool = True
+    # model.name: lstm (a recurrent model over the word unigrams in order)
+    lstm_hidden: int = 64
+    lstm_layers: int = 1
+    lstm_bidirectional: bool = True
 
     def __post_init__(self) -> None:
-        _one_of("model", "name", self.name, ("fasttext", "char_cnn", "cnn"))
+        _one_of("model", "name", self.name, ("fasttext", "lstm", "char_cnn", "cnn"))
+        _require(self.lstm_hidden > 0 and self.lstm_layers > 0, "model.lstm_hidden and model.lstm_layers must be > 0")
         _one_of("model", "char_cnn_size", self.char_cnn_size, ("small", "large"))
         _require(self.embed_dim > 0, "model.embed_dim must be > 0")
         _require(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")

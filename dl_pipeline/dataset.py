@@ -39,6 +39,7 @@ def feature_shapes(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if spec["tokens"]["enabled"]:
             out["tokens"] = {"dtype": "int32", "shape": [spec["tokens"]["max_tokens"]]}
             out["length"] = {"dtype": "int32", "shape": []}
+            out["words"] = {"dtype": "int32", "shape": []}
     else:
         im = spec["image"]
         out["image"] = {"dtype": "uint8", "shape": [im["height"], im["width"], im["channels"]]}

@@ -9,7 +9,8 @@ Features (per row):
   * ``chars``  uint8[char_length]: Zhang et al. (2015) quantization, index 1..len(alphabet),
     0 for unknown characters and padding; optionally reversed as in the paper.
   * ``tokens`` int32[max_tokens] + ``length`` int32: hashed word unigrams and bigrams in
-    ``1..hash_buckets`` (0 = padding), fastText-style (Joulin et al. 2017).
+    ``1..hash_buckets`` (0 = padding), fastText-style (Joulin et al. 2017); ``words`` int32:
+    how many of them are the row's unigrams, in text order (what a recurrent model reads).
   * ``image``  uint8[H, W, C] for image datasets.
 """
 
@@ -324,11 +325,19 @@ def _place_grams(ids: np.ndarray, rows: np.ndarray, h: np.ndarray, counts: np.nd
 
 
 def hash_tokens(texts: Iterable[str], spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> (ids int32 [n, max_tokens], lengths int32 [n]).
+    """Texts -> (ids int32 [n, max_tokens], lengths int32 [n]); see ``hash_token_words``."""
+    ids, lengths, _ = hash_token_words(texts, spec)
+    return ids, lengths
+
+
+def hash_token_words(texts: Iterable[str], spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Texts -> (ids int32 [n, max_tokens], lengths int32 [n], words int32 [n]).
 
     Per row: tokens of the lower-cased text (``\\w+`` runs and single other non-space
     characters, within its first 32 * max_tokens characters), hashed with crc32 of their
-    UTF-8; unigram ids then bigram ids, each ``1 + h mod buckets``; 0 pads. crc32 is a stable
+    UTF-8; unigram ids (``words`` of them, in text order) then bigram ids, each ``1 + h mod
+    buckets``; 0 pads. ``words`` is stored because ``lengths`` alone cannot say where the
+    unigrams end once a row is truncated to max_tokens. crc32 is a stable
     hash (Python's ``hash`` is salted per process, which would break scoring). ASCII rows (almost
     all, after NFKC) are tokenized and hashed by numpy over the whole batch (~3x faster);
     others, and batches of a few rows, by the regex, row by row.
@@ -339,6 +348,7 @@ def hash_tokens(texts: Iterable[str], spec: dict[str, Any]) -> tuple[np.ndarray,
     rows = [(t[:limit] if len(t) > limit else t) if t else "" for t in texts]
     ids = np.zeros((len(rows), max_tokens), dtype=np.int32)
     lengths = np.zeros(len(rows), dtype=np.int64)
+    words = np.zeros(len(rows), dtype=np.int64)
     is_ascii = np.fromiter((t.isascii() for t in rows), dtype=bool, count=len(rows))
     if is_ascii.sum() < _MIN_VECTOR_ROWS:  # numpy's fixed cost per call outweighs the regex
         is_ascii[:] = False
@@ -347,7 +357,8 @@ def hash_tokens(texts: Iterable[str], spec: dict[str, Any]) -> tuple[np.ndarray,
         if len(idx):
             h, counts = hasher(rows if len(idx) == len(rows) else [rows[i] for i in idx])
             lengths[idx] = _place_grams(ids, idx, h, counts, buckets, ngrams)
-    return ids, np.minimum(lengths, max_tokens).astype(np.int32)
+            words[idx] = counts
+    return ids, np.minimum(lengths, max_tokens).astype(np.int32), np.minimum(words, max_tokens).astype(np.int32)
 
 
 # Rows featurized per block. Each row's temporaries (character mask and codes, token hashes and
@@ -375,20 +386,22 @@ def _featurize_block(texts: Sequence[str], spec: dict[str, Any]) -> dict[str, np
     if spec["chars"]["enabled"]:
         out["chars"] = quantize_chars(texts, spec)
     if spec["tokens"]["enabled"]:
-        out["tokens"], out["length"] = hash_tokens(texts, spec)
+        out["tokens"], out["length"], out["words"] = hash_token_words(texts, spec)
     return out
 
 
 def encoded_features(values: Sequence[Any], spec: dict[str, Any]) -> dict[str, Any]:
     """Cleaned texts, or pixel blobs (uint8 H*W*C bytes), -> the stored feature columns as
-    Arrow arrays by name (``dataset.arrow_schema``): fixed-length lists, int32 ``length``."""
+    Arrow arrays by name (``dataset.arrow_schema``): fixed-length lists, int32 ``length`` and
+    ``words``."""
     import pyarrow as pa
 
     if spec["kind"] == "text":
         feats = featurize_texts(list(values), spec)
         out = {name: list_array(feats[name]) for name in ("chars", "tokens") if name in feats}
-        if "length" in feats:
-            out["length"] = pa.array(feats["length"], type=pa.int32())
+        for name in ("length", "words"):
+            if name in feats:
+                out[name] = pa.array(feats[name], type=pa.int32())
         return out
     im = spec["image"]
     width = im["height"] * im["width"] * im["channels"]

@@ -4,6 +4,8 @@ Each model takes the batch dict produced by the data loader and reads its own fe
   * ``fasttext``  token_ids [N] + token_offsets [B]     -> logits [B, K]   (Joulin et al. 2017)
                   (the real ids of B rows end to end, see ``bag_inputs``), or tokens [B, T]
                   with length [B], or tokens [B, T] alone (0 = pad)
+  * ``lstm``      seq [B, W] + seq_length [B] (the rows' unigram ids in text order, see
+                  ``sequence_inputs``), or tokens [B, T] with words [B] -> logits [B, K]
   * ``char_cnn``  chars  int64 [B, L] (0 = unknown/pad) -> logits [B, K]   (Zhang et al. 2015)
   * ``cnn``       image  uint8 [B, H, W, C]             -> logits [B, K]   (LeNet-5 style)
 """
@@ -17,11 +19,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-FEATURE_OF = {"fasttext": "tokens", "char_cnn": "chars", "cnn": "image"}
+FEATURE_OF = {"fasttext": "tokens", "lstm": "tokens", "char_cnn": "chars", "cnn": "image"}
+# The stored columns each model reads (besides ``label``): the feature and what delimits it.
+INPUTS = {"fasttext": ("tokens", "length"), "lstm": ("tokens", "words"), "char_cnn": ("chars",), "cnn": ("image",)}
 # Each model's top-level parts (``train.freeze`` names them) and its classifier head: the
 # parameters whose shape depends on the classes, rebuilt when a warm start changes the labels.
-PARTS = {"fasttext": ("embedding", "fc"), "char_cnn": ("convs", "fc"), "cnn": ("features", "fc")}
-HEAD = {"fasttext": "fc.", "char_cnn": "fc.6.", "cnn": "fc.5."}
+PARTS = {"fasttext": ("embedding", "fc"), "lstm": ("embedding", "lstm", "fc"), "char_cnn": ("convs", "fc"),
+         "cnn": ("features", "fc")}
+HEAD = {"fasttext": "fc.", "lstm": "fc.", "char_cnn": "fc.6.", "cnn": "fc.5."}
 
 
 class FastText(nn.Module):
@@ -126,6 +131,48 @@ def bag_groups(ids: np.ndarray, offsets: np.ndarray) -> dict[str, np.ndarray]:
     return {"token_rows": ordered[starts].astype(np.int64), "token_row_bags": bags[order], "token_row_offsets": starts}
 
 
+class LSTMClassifier(nn.Module):
+    """A (bi)LSTM over each row's word unigrams in text order, packed (no step runs on
+    padding); the last layer's final hidden states (both directions) -> dropout -> linear.
+    The embedding shares fastText's hashed vocabulary and, with ``sparse``, its sparse
+    gradients (Adam updates only the rows a batch used; Horovod allgathers only those)."""
+
+    def __init__(self, num_buckets: int, embed_dim: int, hidden: int, layers: int, bidirectional: bool, num_classes: int,
+                 dropout: float = 0.5, sparse: bool = False):
+        super().__init__()
+        self.embedding = nn.Embedding(num_buckets + 1, embed_dim, padding_idx=0, sparse=sparse)
+        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional,
+                            dropout=dropout if layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden * (2 if bidirectional else 1), num_classes)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "seq" not in batch:
+            batch = sequence_inputs(batch["tokens"], batch["words"])
+        x = self.embedding(batch["seq"].long())  # [B, W, E]
+        packed = nn.utils.rnn.pack_padded_sequence(x, batch["seq_length"].cpu().long(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)  # h: [layers * directions, B, H]
+        last = torch.cat([h[-2], h[-1]], dim=1) if self.lstm.bidirectional else h[-1]
+        return self.fc(self.dropout(last))
+
+
+def sequence_inputs(tokens, words) -> dict:
+    """Stored ids [B, T] (unigrams first, then bigrams: ``features.hash_token_words``) + the
+    unigram counts [B] -> {seq [B, W]: each row's unigrams in order, 0 after them; seq_length
+    [B]: their counts, at least 1 (an empty row is one padding step, which packing needs)}, W =
+    the batch's longest row. numpy (the data thread) or torch (scoring) in, the same kind out."""
+    xp = torch if isinstance(tokens, torch.Tensor) else np
+    width = max(1, int(words.max())) if len(words) else 1
+    cols = torch.arange(width, device=tokens.device) if xp is torch else np.arange(width)
+    seq = tokens[:, :width] * (cols < words[:, None])
+    lengths = xp.clip(words, 1, None) if xp is np else words.clamp(min=1)
+    return {"seq": seq, "seq_length": lengths}
+
+
 class CharCNN(nn.Module):
     """6 convolutions + 3 fully-connected layers over one-hot characters (Zhang et al. 2015)."""
 
@@ -178,11 +225,15 @@ class LeNet(nn.Module):
 
 
 def model_spec(name: str, featurizer: dict[str, Any], num_classes: int, embed_dim: int, char_cnn_size: str, dropout: float,
-               sparse_embeddings: bool = False) -> dict[str, Any]:
+               sparse_embeddings: bool = False, lstm_hidden: int = 64, lstm_layers: int = 1,
+               lstm_bidirectional: bool = True) -> dict[str, Any]:
     """Everything needed to rebuild the model: stored as the bundle's model.json."""
     spec: dict[str, Any] = {"name": name, "num_classes": num_classes, "dropout": dropout}
     if name == "fasttext":
         spec.update(num_buckets=featurizer["tokens"]["buckets"], embed_dim=embed_dim, sparse=sparse_embeddings)
+    elif name == "lstm":
+        spec.update(num_buckets=featurizer["tokens"]["buckets"], embed_dim=embed_dim, sparse=sparse_embeddings,
+                    hidden=lstm_hidden, layers=lstm_layers, bidirectional=lstm_bidirectional)
     elif name == "char_cnn":
         spec.update(alphabet_size=len(featurizer["chars"]["alphabet"]), length=featurizer["chars"]["length"], size=char_cnn_size)
     else:
@@ -195,6 +246,9 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     name, k = spec["name"], spec["num_classes"]
     if name == "fasttext":
         return FastText(spec["num_buckets"], spec["embed_dim"], k, spec.get("sparse", False))
+    if name == "lstm":
+        return LSTMClassifier(spec["num_buckets"], spec["embed_dim"], spec["hidden"], spec["layers"], spec["bidirectional"], k,
+                              spec["dropout"], spec.get("sparse", False))
     if name == "char_cnn":
         return CharCNN(spec["alphabet_size"], spec["length"], k, spec["size"], spec["dropout"])
     if name == "cnn":

@@ -137,18 +137,21 @@ def ordered_batches(groups: Iterable[dict[str, np.ndarray]], batch_size: int) ->
 
 def to_tensors(batch: dict[str, np.ndarray], pin: bool = False, distinct: bool = False) -> dict[str, Any]:
     """numpy columns -> the model's input tensors: ``label`` int64 [B]; ``tokens`` with
-    ``length`` -> ``token_ids`` + ``token_offsets`` (models.bag_inputs), or those two as given
+    ``length`` -> ``token_ids`` + ``token_offsets`` (models.bag_inputs); ``tokens`` with
+    ``words`` -> ``seq`` + ``seq_length`` (models.sequence_inputs); or those as given
     (a ResidentShard's batches); ``distinct`` adds the batch's distinct ids and their bags
     (models.bag_groups), which training's backward wants, here in the data thread and not in
     the step;
     others as stored."""
     import torch
 
-    from dl_pipeline.models import bag_groups, bag_inputs
+    from dl_pipeline.models import bag_groups, bag_inputs, sequence_inputs
 
     batch = dict(batch)
     if "tokens" in batch and "length" in batch:
         batch.update(bag_inputs(batch.pop("tokens"), batch.pop("length")))
+    elif "tokens" in batch and "words" in batch:  # a recurrent model: the unigrams in order
+        batch.update(sequence_inputs(batch.pop("tokens"), batch.pop("words")))
     if distinct and "token_ids" in batch:
         batch.update(bag_groups(batch["token_ids"], batch["token_offsets"]))
     out = {"label": torch.from_numpy(batch.pop("label").astype(np.int64))}

@@ -83,14 +83,19 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
             f"{t.data_path}: prepared dataset has no '{feature}' feature (has: {have}); model.name={cfg.model.name} "
             f"needs it: re-run prepare with the matching features, or pick a model that uses {have}"
         )
+    missing = [c for c in columns_of(cfg.model.name) if c not in manifest["schema"]]
+    if missing:
+        raise UserError(f"{t.data_path}: prepared dataset has no {', '.join(missing)} column (model.name={cfg.model.name} "
+                        f"reads it; datasets prepared by an earlier version lack it): re-run `dl-pipeline prepare`")
     splits = manifest["splits"]
     if splits["val"]["rows"] == 0:
         raise UserError(f"{t.data_path}: the val split is empty; re-run prepare with shard.val_fraction > 0")
     _check_layout(cfg, splits, world_size)
     r = recipes.resolve(cfg.model.name, t, splits["train"]["rows"] // world_size)
     steps = t.steps_per_epoch or max(1, splits["train"]["rows"] // (world_size * r.batch_size))
-    spec = model_spec(cfg.model.name, manifest["featurizer"], manifest["num_classes"], cfg.model.embed_dim,
-                      cfg.model.char_cnn_size, cfg.model.dropout, cfg.model.sparse_embeddings)
+    m = cfg.model
+    spec = model_spec(m.name, manifest["featurizer"], manifest["num_classes"], m.embed_dim, m.char_cnn_size, m.dropout,
+                      m.sparse_embeddings, m.lstm_hidden, m.lstm_layers, m.lstm_bidirectional)
     warm: dict[str, Any] = {}
     if t.init_from:  # the architecture is the bundle's; the head fits this dataset's classes
         spec, warm = transfer.plan(t, cfg.model.name, manifest)
@@ -127,7 +132,7 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
         reader_workers=t.reader_workers,
         # A pool larger than the reader's whole shard would only hold rows of the next pass.
         shuffle_buffer=min(t.shuffle_buffer, max(r.batch_size, -(-splits["train"]["rows"] // readers))),
-        resident=shard_mib(manifest, columns_of(feature), readers, ("train", "val")) <= t.cache_mb,
+        resident=shard_mib(manifest, columns_of(cfg.model.name), readers, ("train", "val")) <= t.cache_mb,
         device=t.device,
         mode=t.mode,
         hogwild_workers=cfg.hogwild.workers,

@@ -31,6 +31,8 @@ class Recipe:
 RECIPES = {
     "fasttext": Recipe(optimizer="adam", lr=0.02, batch_size=256, lr_schedule="linear", momentum=0.9, warmup_epochs=0.1,
                        epochs=10),
+    "lstm": Recipe(optimizer="adam", lr=0.003, batch_size=64, lr_schedule="linear", momentum=0.9, warmup_epochs=0.1,
+                   epochs=10),
     "char_cnn": Recipe(optimizer="adam", lr=0.001, batch_size=64, lr_schedule="constant", momentum=0.9, warmup_epochs=0.5,
                        epochs=10),
     "cnn": Recipe(optimizer="adam", lr=0.001, batch_size=64, lr_schedule="constant", momentum=0.9, warmup_epochs=0.5,

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def columns_of(feature: str) -> tuple[str, ...]:
-    """The columns a training batch reads: the label, the feature, and its lengths."""
-    return ("label", feature, *(("length",) if feature == "tokens" else ()))
+def columns_of(model: str) -> tuple[str, ...]:
+    """The columns a training batch reads: the label, the model's feature and what delimits it."""
+    from dl_pipeline.models import INPUTS
+
+    return ("label", *INPUTS[model])
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class RankSpec:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return columns_of(self.feature)
+        return columns_of(self.model_spec["name"])
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
