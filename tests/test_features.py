@@ -11,6 +11,7 @@ from dl_pipeline.features import (
     clean_text,
     crc32_spans,
     featurize_texts,
+    hash_token_words,
     hash_tokens,
     list_array,
     quantize_chars,
@@ -72,6 +73,7 @@ def _reference_hash_tokens(texts, spec):
     """The definition, one row at a time: unigrams then bigrams, truncated, 0-padded."""
     ts = spec["tokens"]
     ids = np.zeros((len(texts), ts["max_tokens"]), np.int32)
+    unigrams = np.zeros(len(texts), np.int32)
     for i, text in enumerate(texts):
         words = re.findall(r"\w+|[^\w\s]", text[: ts["max_tokens"] * 32].lower())
         h = [zlib.crc32(w.encode("utf-8")) for w in words]
@@ -80,7 +82,8 @@ def _reference_hash_tokens(texts, spec):
             grams += [((a * 116049371) % 2**64 + b) % 2**64 % ts["buckets"] + 1 for a, b in zip(h, h[1:], strict=False)]
         grams = grams[: ts["max_tokens"]]
         ids[i, : len(grams)] = grams
-    return ids, (ids > 0).sum(axis=1).astype(np.int32)
+        unigrams[i] = min(len(words), ts["max_tokens"])
+    return ids, (ids > 0).sum(axis=1).astype(np.int32), unigrams
 
 
 @pytest.mark.parametrize("ngrams, max_tokens", [(2, 6), (1, 6), (2, 64)])
@@ -89,11 +92,12 @@ def test_hash_tokens_batch_equals_row_by_row_definition(ngrams, max_tokens):
     texts = ["Hello, world", "", "one", "a b", "x " * 100, "É école ÜBER 中文？", "ctl\x1csep\x1fmore!",
              "Straße İstanbul", "tabs\tand\nlines", "mixed ascii, then é"]
     texts = texts * 4  # enough ASCII rows for the vectorised path; the first 10 also alone (regex path)
-    ids, lengths = hash_tokens(texts, spec)
+    ids, lengths, words = hash_token_words(texts, spec)
     assert hash_tokens(texts[:10], spec)[0].tolist() == ids[:10].tolist()
-    ref_ids, ref_lengths = _reference_hash_tokens(texts, spec)
+    ref_ids, ref_lengths, ref_words = _reference_hash_tokens(texts, spec)
     assert ids.tolist() == ref_ids.tolist()
     assert lengths.tolist() == ref_lengths.tolist()
+    assert words.tolist() == ref_words.tolist()  # the unigrams a recurrent model reads, in order
 
 
 def test_hash_tokens_ascii_path_splits_every_character_like_the_regex():
@@ -103,7 +107,7 @@ def test_hash_tokens_ascii_path_splits_every_character_like_the_regex():
     texts = [f"{c}ab{c}cd{c}{c}E_f9{c}" for c in map(chr, range(128))]
     texts += ["a" * n + " b" for n in (1, 2, 3, 31, 32, 33, 64, 255, 256, 300)] + ["", " ", "\n\n"]
     ids, lengths = hash_tokens(texts, spec)
-    ref_ids, ref_lengths = _reference_hash_tokens(texts, spec)
+    ref_ids, ref_lengths, _ = _reference_hash_tokens(texts, spec)
     for i, text in enumerate(texts):
         assert ids[i].tolist() == ref_ids[i].tolist(), repr(text)
     assert lengths.tolist() == ref_lengths.tolist()

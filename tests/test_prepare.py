@@ -114,7 +114,7 @@ def test_shards_are_plain_typed_parquet_that_spark_and_pyarrow_read(spark, ag_pr
     root = cfg.prepare.output_path
     assert not glob.glob(f"{root}/*/_common_metadata") and not glob.glob(f"{root}/*/_metadata")
     expected = {"row_id": pa.string(), "label": pa.int32(), "chars": pa.list_(pa.uint8()),
-                "tokens": pa.list_(pa.int32()), "length": pa.int32()}
+                "tokens": pa.list_(pa.int32()), "length": pa.int32(), "words": pa.int32()}
     for split in ("train", "val", "test"):
         rows = manifest["splits"][split]["rows"]
         table = pq.read_table(f"{root}/{split}")
@@ -123,7 +123,7 @@ def test_shards_are_plain_typed_parquet_that_spark_and_pyarrow_read(spark, ag_pr
         assert pc.all(pc.equal(pc.list_value_length(tokens), 256)).as_py()
         df = spark.read.parquet(f"{root}/{split}")
         assert dict(df.dtypes) == {"row_id": "string", "label": "int", "chars": "array<smallint>",  # uint8: Spark has no unsigned byte
-                                   "tokens": "array<int>", "length": "int"}
+                                   "tokens": "array<int>", "length": "int", "words": "int"}
         assert df.count() == rows and df.selectExpr("max(size(tokens))").first()[0] == 256
     assert manifest["schema"]["tokens"] == {"dtype": "int32", "shape": [256]}
     assert manifest["schema"]["chars"] == {"dtype": "uint8", "shape": [1014]}
