@@ -491,6 +491,6 @@ def test_lstm_trains_on_two_horovod_ranks_and_its_bundle_predicts_identically_el
     there = json.loads(out.stdout.strip().splitlines()[-1])
     assert there["i"] == here["index"].tolist()
     assert there["p"] == pytest.approx(here["probability"].tolist(), abs=1e-7)
-    tokens = np.array([[5, 6, 7, 56, 67], [9, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=np.int32)
-    seq = sequence_inputs(tokens, np.array([3, 1, 0], dtype=np.int32))
-    assert seq["seq"].tolist() == [[5, 6, 7], [9, 0, 0], [0, 0, 0]] and seq["seq_length"].tolist() == [3, 1, 1]
+    tokens = np.array([[5, 6, 7, 56, 67], [9, 8, 98, 0, 0], [0, 0, 0, 0, 0]], dtype=np.int32)  # unigrams, bigrams
+    seq = sequence_inputs(tokens, np.array([3, 2, 0], dtype=np.int32))
+    assert seq["seq"].tolist() == [[5, 6, 7], [9, 8, 0], [0, 0, 0]] and seq["seq_length"].tolist() == [3, 2, 1]
