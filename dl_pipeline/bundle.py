@@ -77,6 +77,7 @@ def save_bundle(path: str, model, model_spec: dict, featurizer: dict, labels: di
                       ("metrics.json", metrics), ("versions.json", versions)):
         with open(os.path.join(tmp, name), "w") as fh:
             json.dump(doc, fh, indent=2, sort_keys=True)
+    _share(tmp)
     if os.path.exists(path):
         old = f"{path}.old-{os.getpid()}"
         os.rename(path, old)
@@ -89,6 +90,16 @@ def save_bundle(path: str, model, model_spec: dict, featurizer: dict, labels: di
     return path
 
 
+def _share(directory: str) -> None:
+    """Readable by other users, as the umask allows (a scoring job often runs under another
+    account): mkdtemp makes the directory 0700, whatever the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o755 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o644 & ~umask)
+
+
 def load_bundle(path: str, device: str = "cpu") -> Bundle:
     """Rebuild the model from model.json and load safetensors weights; eval mode."""
     from safetensors.torch import load
@@ -99,11 +110,29 @@ def load_bundle(path: str, device: str = "cpu") -> Bundle:
     missing = [f for f in FILES if not fsutil.exists(fsutil.join(url, f))]
     if missing:
         raise UserError(f"{path}: not a model bundle (missing {', '.join(missing)}); point score.model_path at <train.run_dir>/model")
-    docs = {f: json.loads(fsutil.read_text(fsutil.join(url, f))) for f in FILES if f.endswith(".json")}
+    docs = {}
+    for f in FILES:
+        if f.endswith(".json"):
+            try:
+                docs[f] = json.loads(fsutil.read_text(fsutil.join(url, f)))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise UserError(f"{path}/{f}: not valid JSON ({exc}); re-export the bundle with `dl-pipeline train`") from None
     fs, p = fsutil.fs_and_path(fsutil.join(url, "model.safetensors"))
     with fs.open(p, "rb") as fh:
-        state = load(fh.read())
-    model = build_model(docs["model.json"])
-    model.load_state_dict(state)
+        blob = fh.read()
+    try:
+        state = load(blob)
+    except Exception as exc:  # safetensors raises its own SafetensorError (no common base to name)
+        raise UserError(f"{path}/model.safetensors: not a safetensors file ({str(exc).splitlines()[0][:200]}); "
+                        "re-export the bundle with `dl-pipeline train`") from None
+    try:
+        model = build_model(docs["model.json"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}/model.json: cannot build the model ({type(exc).__name__}: {exc}); re-export the bundle") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing/unexpected keys or shapes: the weights are another model's
+        detail = " ".join(str(exc).split())[:300]
+        raise UserError(f"{path}/model.safetensors: the weights do not match model.json ({detail})") from None
     model.to(device).eval()
     return Bundle(model, docs["model.json"], docs["featurizer.json"], docs["labels.json"], docs["metrics.json"], docs["versions.json"])

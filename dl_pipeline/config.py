@@ -179,6 +179,7 @@ class TrainConfig:
     warmup_epochs: float = -1.0
     seed: int = 42
     early_stopping_patience: int = 3
+    max_restarts: int = 0
     checkpoint_every_steps: int = 0
     steps_per_epoch: int = 0
     reader_workers: int = 1
@@ -204,6 +205,7 @@ class TrainConfig:
         _one_of("train", "lr_schedule", self.lr_schedule, ("auto", "constant", "linear", "cosine"))
         _one_of("train", "device", self.device, ("auto", "cpu", "cuda"))
         _require(self.num_proc >= 0, "train.num_proc must be >= 0 (0 = every Spark task slot)")
+        _require(self.max_restarts >= 0, "train.max_restarts must be >= 0 (relaunches from the last checkpoint after a rank dies)")
         _require(self.epochs >= 0, "train.epochs must be >= 0 (0 = the model's recipe, with early stopping)")
         _require(self.batch_size >= 0, "train.batch_size must be >= 0 (0 = the model's recipe)")
         _require(self.lr >= 0, "train.lr must be >= 0 (0 = the model's recipe)")

@@ -4,7 +4,8 @@ One run scores the rows of one date (``score.input_path`` may contain ``{date}``
 exactly the ``dt=<run_date>`` partition of ``score.output_path`` (dynamic partition overwrite:
 Spark stages the new files and swaps the partition on commit, so a crash mid-run leaves the
 previous partition whole). Bad rows never fail the job: they go to ``_rejects/dt=<run_date>``
-with a reason, and ``rows_in == scored + rejected`` is checked on every run.
+with a reason, and ``rows_in == scored + rejected`` is checked on every run, ``rows_in``
+counted from the input on its own.
 """
 
 from __future__ import annotations
@@ -26,18 +27,24 @@ from dl_pipeline.spark import hadoop_delete
 
 log = logging.getLogger(__name__)
 
-# Loaded once per Python worker process (Spark reuses workers across tasks), never per batch.
-_MODELS: dict[str, Any] = {}
+# Loaded once per Python worker process (Spark reuses workers across tasks), never per batch;
+# keyed by path and model version, so a model retrained at the same path is loaded anew.
+_MODELS: dict[tuple[str, str], Any] = {}
 
 
-def _bundle(path: str):
-    if path not in _MODELS:
+def _bundle(path: str, version: str):
+    """The bundle at ``path`` whose model version the driver saw (``version``)."""
+    if (path, version) not in _MODELS:
         import torch
 
         from dl_pipeline.bundle import load_bundle
 
-        _MODELS[path] = load_bundle(path, "cuda" if torch.cuda.is_available() else "cpu")
-    return _MODELS[path]
+        bundle = load_bundle(path, "cuda" if torch.cuda.is_available() else "cpu")
+        if bundle.version != version:
+            raise PipelineError(f"{path}: the model changed during the run ({version} -> {bundle.version}); run the date again")
+        _MODELS.clear()  # one model per worker: an old version's weights are not kept around
+        _MODELS[(path, version)] = bundle
+    return _MODELS[(path, version)]
 
 
 def run_date(score: ScoreConfig) -> str:
@@ -82,7 +89,7 @@ def _read_input(spark, cfg: Config, path: str, kind: str):
     """
     from pyspark.sql import functions as F
 
-    from dl_pipeline.sources import is_line_mode, read_lines, read_text
+    from dl_pipeline.sources import blank_line, is_line_mode, read_lines, read_text
 
     s = cfg.score
     if not fsutil.expand(path):
@@ -98,7 +105,8 @@ def _read_input(spark, cfg: Config, path: str, kind: str):
         if is_line_mode(data):
             # Raw lines go to Python once: parse, clean, featurize and predict in one pass.
             df = read_lines(spark, fsutil.to_url(path)).withColumn("label_raw", F.lit(None).cast("string"))
-            return df.select(*ids, "raw"), ids, spark.read.text(fsutil.to_url(path))
+            scan = spark.read.text(fsutil.to_url(path))
+            return df.select(*ids, "raw"), ids, scan.filter(~blank_line(F.col("value")))
         df = read_text(spark, path, "score", data)
         return df.select(*ids, "parts", "raw", "reason"), ids, None
     data = cfg.data
@@ -176,6 +184,8 @@ def _read_images(spark, s: ScoreConfig, path: str):
 # the predictions table never trip over the rejects' own dt= folders.
 REJECTS_DIR = "_rejects"
 INJECT_FAILURE_CONF = "spark.dl_pipeline.test.inject_score_failure"
+DROP_ROW_CONF = "spark.dl_pipeline.test.drop_a_scored_row"
+BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 
 def _text_batch(pdf: pd.DataFrame, spec: dict[str, Any], max_chars: int, separator: str, num_fields: int):
@@ -219,12 +229,14 @@ def _image_batch(pdf: pd.DataFrame, spec: dict[str, Any]):
     return reasons, {"image": np.stack(pixels)} if pixels else None
 
 
-def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_chars: int, separator: str,
-              num_fields: int, inject_failure: bool = False):
-    """mapInPandas body: raw rows -> scored rows, bad rows flagged with a reason (never raised)."""
+def _score_fn(model_path: str, version: str, ids: list[str], batch_size: int, top_k: int, max_chars: int, separator: str,
+              num_fields: int, inject_failure: bool = False, drop_a_row: bool = False):
+    """mapInPandas body: raw rows -> scored rows, bad rows flagged with a reason (never raised).
+    Test hooks: ``inject_failure`` dies mid-task; ``drop_a_row`` loses a row (the accounting
+    check must catch it)."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        bundle = _bundle(model_path)
+        bundle = _bundle(model_path, version)
         base, names = bundle.labels["label_base"], bundle.labels["names"]
         for n_batch, pdf in enumerate(batches):
             if inject_failure and n_batch == 1:  # test hook: die mid-task, after output began
@@ -257,7 +269,7 @@ def _score_fn(model_path: str, ids: list[str], batch_size: int, top_k: int, max_
             out["model_version"] = bundle.version
             out["raw"] = [None if r is None else (raw or "")[:4096] for r, raw in zip(reasons, pdf["raw"], strict=False)]
             out["reason"] = reasons
-            yield out
+            yield out.iloc[1:] if drop_a_row and n_batch == 0 else out
 
     return run
 
@@ -286,8 +298,6 @@ def _replace_partition(spark, df, url: str, fmt: str, date: str, rows: int) -> N
 
 def score_batch(spark, cfg: Config) -> dict[str, Any]:
     """Score one run date; returns {"summary": {...}} and writes it under ``_runs/``."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
     s = cfg.score
     for key in ("model_path", "input_path", "output_path"):
@@ -298,6 +308,9 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     from dl_pipeline.bundle import load_bundle
 
     bundle = load_bundle(s.model_path)  # fail fast on the driver with a clear message
+    classes = len(bundle.labels["names"])
+    if s.top_k > classes:
+        raise UserError(f"score.top_k={s.top_k} but {s.model_path} has {classes} classes: set score.top_k <= {classes} (0 = off)")
     kind = bundle.featurizer["kind"]
     if kind == "image" and s.input_format not in ("image_files", "parquet"):
         raise UserError(f"{s.model_path}: an image model scores images: set score.input_format=image_files (PNG/JPEG files "
@@ -306,8 +319,30 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
         raise UserError(f"{s.model_path}: a text model cannot score image files; set score.input_format to zhang_csv, csv, json or parquet")
     in_path = s.input_path.replace("{date}", date)
     per_batch = s.max_records_per_batch if kind == "text" else min(s.max_records_per_batch, IMAGE_RECORDS_PER_BATCH)
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(per_batch))
+    before = spark.conf.get(BATCH_CONF, None)
+    spark.conf.set(BATCH_CONF, str(per_batch))  # the plans below take it; the caller's value is put back (notebooks)
+    try:
+        return _score_date(spark, cfg, bundle, kind, date, in_path, t0)
+    finally:
+        if before is None:
+            spark.conf.unset(BATCH_CONF)
+        else:
+            spark.conf.set(BATCH_CONF, before)
+
+
+def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, t0: float) -> dict[str, Any]:
+    """score_batch's job, with the session's Arrow batch size already set."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    s = cfg.score
     raw, ids, scan = _read_input(spark, cfg, in_path, kind)
+    if not ids:
+        log.warning("score: score.id_columns is empty: the predictions of %s cannot be joined back to its rows; set "
+                    "score.id_columns to the input's key column(s)", in_path)
+    # Counted on its own, before any of our code sees a row: the identity check below compares it
+    # with what the scoring wrote, so a lost or duplicated row fails the run.
+    rows_in = (scan if scan is not None else raw).count()
     raw = _spread_over_cores(spark, raw, scan)
     out_schema = raw.select(*ids).schema
     ddl = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in out_schema.fields)
@@ -317,9 +352,9 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     ddl += ", model_version string, raw string, reason string"
     model_url = fsutil.to_url(s.model_path)
     scored = raw.mapInPandas(
-        _score_fn(model_url, ids, s.batch_size, s.top_k, cfg.data.max_text_chars,
+        _score_fn(model_url, bundle.version, ids, s.batch_size, s.top_k, cfg.data.max_text_chars,
                   bundle.featurizer.get("cleaning", {}).get("title_separator", ""), cfg.data.num_fields,
-                  spark.conf.get(INJECT_FAILURE_CONF, "false") == "true"),
+                  spark.conf.get(INJECT_FAILURE_CONF, "false") == "true", spark.conf.get(DROP_ROW_CONF, "false") == "true"),
         ddl,
     ).withColumn("scored_at", F.current_timestamp()).withColumn("dt", F.lit(date))
     scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
@@ -334,13 +369,15 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
         # The count runs the model once and fills the cache; both writes then read the cache.
         by_reason = {r["reason"]: r["n"] for r in scored.groupBy("reason").agg(F.count(F.lit(1)).alias("n")).collect()}
         counts = {True: by_reason.pop(None, 0), False: sum(by_reason.values())}
+        if counts[True] + counts[False] != rows_in:  # counted apart, before anything is written
+            raise PipelineError(f"score lost or duplicated rows: {rows_in} rows in, {counts[True]} scored + {counts[False]} "
+                                f"rejected for {date}; nothing was written, the date keeps its previous result")
         good = scored.filter(F.col("reason").isNull()).drop("raw", "reason")
         _replace_partition(spark, good, out, fmt, date, counts[True])
         bad = scored.filter(F.col("reason").isNotNull()).select(*ids, "raw", "reason", "model_version", "scored_at", "dt")
         _replace_partition(spark, bad, fsutil.join(out, REJECTS_DIR), fmt, date, counts[False])
     finally:
         scored.unpersist()
-    rows_in = sum(counts.values())
     if rows_in == 0:  # legitimate for a quiet day, but worth a line in a scheduled job's log
         log.warning("score: %s has no rows for run date %s (image inputs: no .png/.jpg/.jpeg files); "
                     "the date's partitions are now empty", in_path, date)
@@ -355,8 +392,6 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
         "rejects_by_reason": dict(sorted(by_reason.items())),
         "seconds": round(time.time() - t0, 3),
     }
-    if summary["scored"] + summary["rejected"] != rows_in:
-        raise PipelineError(f"score accounting broken: {json.dumps(summary)}")
     record = {**summary, "config": cfg.to_dict()}  # the resolved config travels with every output
     fsutil.write_text_atomic(fsutil.join(out, "_runs", f"{date}.json"), json.dumps(record, indent=2, sort_keys=True))
     log.info("score summary: %s", json.dumps(summary, sort_keys=True))

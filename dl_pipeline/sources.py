@@ -161,13 +161,17 @@ def read_lines(spark, url: str):
     # The text source passes invalid UTF-8 through as-is (Arrow then refuses it); decoding in the
     # JVM turns bad bytes into U+FFFD, which clean_content rejects or keeps per data.invalid_utf8.
     lines = lines.withColumn("value", F.decode(F.col("value").cast("binary"), "UTF-8"))
-    # Blank lines are not records (Spark's CSV reader skips them too); numbers stay physical lines.
-    # Only a line that starts with a space can be blank but not empty: trim (which copies the
-    # line) and length (which counts every character) stay off the path of the other lines,
-    # where they were 1/6 of the JVM's time.
-    value = F.col("value")
-    blank = (value == "") | (value.startswith(" ") & (F.trim(value) == ""))
-    return lines.filter(~blank).select("source_file", "row_number", value.alias("raw"))
+    return lines.filter(~blank_line(F.col("value"))).select("source_file", "row_number", F.col("value").alias("raw"))
+
+
+def blank_line(value):
+    """A Column: is this line blank. Blank lines are not records (Spark's CSV reader skips them
+    too); numbers stay physical lines. Only a line that starts with a space can be blank but not
+    empty: trim (which copies the line) and length (which counts every character) stay off the
+    path of the other lines, where they were 1/6 of the JVM's time."""
+    from pyspark.sql import functions as F
+
+    return (value == "") | (value.startswith(" ") & (F.trim(value) == ""))
 
 
 def read_text(spark, path: str, origin: str, data: DataConfig):

@@ -4,6 +4,8 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +14,7 @@ import pytest
 from conftest import AG_TEST, ROOT, SAMPLE, read_split
 from dl_pipeline.config import replace
 from dl_pipeline.features import clean_record, featurize_texts
-from dl_pipeline.score import INJECT_FAILURE_CONF, predict_texts, score_batch
+from dl_pipeline.score import DROP_ROW_CONF, INJECT_FAILURE_CONF, predict_texts, score_batch
 from dl_pipeline.sources import parse_zhang_line
 
 
@@ -54,7 +56,7 @@ def test_predictions_equal_in_process_predictions(scored):
     labels = np.array([int(lab) for lab, _, _ in _ag_test_rows()])
     assert (df["prediction"].to_numpy() == labels).mean() > 0.75
     runs = json.load(open(f"{cfg.score.output_path}/_runs/2026-11-20.json"))
-    assert runs["rows_in"] == 7600 and runs["scored"] + runs["rejected"] == runs["rows_in"]
+    assert runs["rows_in"] == len(_ag_test_rows()) == runs["scored"] + runs["rejected"]
 
 
 def test_features_are_identical_in_prepare_and_score(ag_prepared):
@@ -401,3 +403,88 @@ def test_image_features_are_identical_in_prepare_and_score(spark, tmp_path):
     reasons, feats = _image_batch(pd.DataFrame({"content": list(blobs.values()), "reason": [None] * 12}), image_spec(cfg.data))
     assert reasons == [None] * 12 and feats["image"].shape == (12, 28, 28, 1)
     assert sorted(img.tobytes() for img in feats["image"]) == stored
+
+
+def test_a_lost_row_fails_the_run_and_keeps_the_previous_partition(spark, scored):
+    """rows_in is counted from the input on its own: a row lost on the way is caught."""
+    from dl_pipeline.errors import PipelineError
+
+    cfg, _ = scored
+    before = _partition(cfg.score.output_path, "2026-11-20")
+    spark.conf.set(DROP_ROW_CONF, "true")
+    try:
+        with pytest.raises(PipelineError, match=r"7600 rows in, 7\d\d\d scored \+ 0 rejected .* nothing was written"):
+            score_batch(spark, cfg)
+    finally:
+        spark.conf.unset(DROP_ROW_CONF)
+    after = _partition(cfg.score.output_path, "2026-11-20")
+    assert len(after) == 7600 and after["scored_at"].equals(before["scored_at"])
+
+
+def test_score_settings_are_checked_at_start_and_the_session_is_left_as_it_was(spark, scored, caplog):
+    from dl_pipeline.errors import UserError
+
+    cfg, _ = scored
+    with pytest.raises(UserError, match=r"score.top_k=5 but .* has 4 classes"):
+        score_batch(spark, replace(cfg, score={"top_k": 5}))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "777")
+    try:
+        small = replace(cfg, score={"id_columns": [], "top_k": 0, "run_date": "2026-11-21", "max_records_per_batch": 500})
+        with caplog.at_level("WARNING", logger="dl_pipeline.score"):
+            score_batch(spark, small)
+        assert spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch") == "777"
+        assert "score.id_columns is empty" not in caplog.text  # a Zhang CSV has default ids (source_file, row_number)
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("not_safetensors", "model.safetensors: not a safetensors file"),
+    ("other_weights", "model.safetensors: the weights do not match model.json"),
+    ("bad_json", "labels.json: not valid JSON"),
+])
+def test_a_broken_bundle_is_one_line_exit_2_before_any_spark_job(ag_model, tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    cfg, _ = ag_model
+    bundle = tmp_path / "model"
+    shutil.copytree(os.path.join(cfg.train.run_dir, "model"), bundle)
+    if damage == "not_safetensors":
+        (bundle / "model.safetensors").write_bytes(b"\x80\x04this is a pickle, not tensors")
+    elif damage == "other_weights":
+        state = load_file(str(bundle / "model.safetensors"))
+        state["fc.weight"] = state["fc.weight"][:2]  # a 2-class head under a 4-class model.json
+        save_file(state, str(bundle / "model.safetensors"))
+    else:
+        (bundle / "labels.json").write_text("{not json")
+    out = subprocess.run([sys.executable, "-m", "dl_pipeline.cli", "score", "--set", f"score.model_path={bundle}",
+                          "--set", f"score.input_path={AG_TEST}", "--set", f"score.output_path={tmp_path / 'out'}",
+                          "--set", "spark.master=local[1]"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_retrained_at_the_same_path_is_served_at_once(spark, ag_model, tmp_path):
+    """Python workers are reused across jobs: their model cache is keyed by model version."""
+    import torch
+
+    from dl_pipeline.bundle import load_bundle, save_bundle
+
+    cfg, _ = ag_model
+    path = tmp_path / "model"
+    shutil.copytree(os.path.join(cfg.train.run_dir, "model"), path)
+    rows = tmp_path / "in.csv"
+    rows.write_text('"1","Stocks rally","Oil falls as markets rise"\n"2","Cup final","The team wins the title"\n')
+    run = replace(cfg, score={"model_path": str(path), "input_path": str(rows), "output_path": str(tmp_path / "out"),
+                              "run_date": "2026-11-22", "top_k": 0, "id_columns": ["row_number"]})
+    first = score_batch(spark, run)["summary"]["model_version"]
+    old = load_bundle(str(path))
+    with torch.no_grad():
+        old.model.fc.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))  # now every row is class 4
+    save_bundle(str(path), old.model, old.model_spec, old.featurizer, old.labels, old.metrics)
+    second = score_batch(spark, run)["summary"]["model_version"]
+    df = _partition(tmp_path / "out", "2026-11-22")
+    assert second != first and set(df["model_version"]) == {second}
+    assert df["prediction"].tolist() == [4, 4]

@@ -226,6 +226,10 @@ def test_bundle_loads_in_fresh_process_and_predicts_identically(ag_model):
     bundle_dir = os.path.join(cfg.train.run_dir, "model")
     assert sorted(os.listdir(bundle_dir)) == ["featurizer.json", "labels.json", "metrics.json", "model.json",
                                               "model.safetensors", "versions.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(bundle_dir).st_mode & 0o777 == 0o755 & ~umask  # a scoring job under another account reads it
+    assert {os.stat(os.path.join(bundle_dir, f)).st_mode & 0o777 for f in os.listdir(bundle_dir)} == {0o644 & ~umask}
     texts = ["Stocks rally as oil falls", "Team wins the championship final", "New chip doubles battery life"]
     here = predict_texts(load_bundle(bundle_dir), texts, batch_size=2)
     code = (
@@ -252,6 +256,16 @@ def test_training_user_errors(small_uneven, tmp_path):
         train_model(replace(small_uneven, model={"name": "char_cnn"}, train={"launcher": "local"}))
     with pytest.raises(UserError, match=r"world size 8 > 3 row groups"):
         train_model(replace(small_uneven, train={"launcher": "horovodrun", "num_proc": 8}))
+    with pytest.raises(UserError, match=r"1 rank\(s\) x 4 Hogwild workers > 3 row groups"):  # would wait for a row group
+        train_model(replace(small_uneven, train={"launcher": "local", "mode": "hogwild"}, hogwild={"workers": 4}))
+    with pytest.raises(UserError, match=r"train.log_every_steps must be >= 1"):
+        replace(small_uneven, train={"log_every_steps": 0})
+    from dl_pipeline.train.driver import _world_size
+
+    hosts = replace(small_uneven, train={"launcher": "horovodrun", "num_proc": 0}, horovod={"hosts": "a:2,b:3"})
+    assert _world_size(hosts, None) == 5  # the hosts' slots, not this machine's cores
+    with pytest.raises(UserError, match=r"train.run_dir=s3a://bucket/run: must be a local or mounted path"):
+        train_model(replace(small_uneven, train={"launcher": "local", "run_dir": "s3a://bucket/run"}))
     with pytest.raises(UserError, match="no manifest.json here"):
         train_model(replace(small_uneven, train={"launcher": "local", "data_path": "/nonexistent"}))
     with pytest.raises(UserError, match=r"loss became (nan|inf) at step \d+"):
@@ -494,3 +508,24 @@ def test_lstm_trains_on_two_horovod_ranks_and_its_bundle_predicts_identically_el
     tokens = np.array([[5, 6, 7, 56, 67], [9, 8, 98, 0, 0], [0, 0, 0, 0, 0]], dtype=np.int32)  # unigrams, bigrams
     seq = sequence_inputs(tokens, np.array([3, 2, 0], dtype=np.int32))
     assert seq["seq"].tolist() == [[5, 6, 7], [9, 8, 0], [0, 0, 0]] and seq["seq_length"].tolist() == [3, 2, 1]
+
+
+def test_a_killed_rank_fails_the_job_fast_and_max_restarts_resumes_it(spark, small_uneven, tmp_path, monkeypatch, caplog):
+    """horovod.spark.run, 2 ranks: rank 1 SIGKILLs itself at step 30 (checkpoints at 25 and 40).
+    Without restarts the job fails within seconds naming the last checkpoint; with
+    train.max_restarts=1 the ranks are relaunched from it and the run completes."""
+    from dl_pipeline.errors import PipelineError
+
+    monkeypatch.setenv("DL_PIPELINE_FAIL_AT_STEP", "30")
+    base = {"launcher": "spark", "num_proc": 2, "epochs": 2, "steps_per_epoch": 40, "batch_size": 16,
+            "checkpoint_every_steps": 25}
+    t0 = time.monotonic()
+    with pytest.raises(PipelineError, match=r"training failed \(rank 1 died \(exit code 137: SIGKILL\)\); last checkpoint: "
+                                            r"step 25 \(epoch 0\) in .*latest.safetensors; continue with --resume"):
+        train_model(replace(small_uneven, train={**base, "run_dir": str(tmp_path / "once")}), spark=spark)
+    assert time.monotonic() - t0 < 60
+    with caplog.at_level("WARNING", logger="dl_pipeline.train.driver"):
+        metrics = train_model(replace(small_uneven, train={**base, "max_restarts": 1, "run_dir": str(tmp_path / "again")}),
+                              spark=spark)
+    assert "restart 1 of 1 from the last checkpoint: step 25" in caplog.text
+    assert metrics["global_step"] == 80 and metrics["epochs_run"] == 2

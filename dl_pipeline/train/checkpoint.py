@@ -61,6 +61,18 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
                         "nothing in it was run: delete it, or train without --resume") from None
 
 
+def describe(run_dir: str) -> str:
+    """One phrase for a failure message: where a ``--resume`` would continue from."""
+    path = _path(run_dir, LATEST)
+    if not os.path.exists(path):
+        return "no checkpoint yet (a restart begins at step 0)"
+    try:
+        state = _read(path)[1]["state"]
+    except UserError:
+        return f"{path} is not readable as a checkpoint"
+    return f"last checkpoint: step {state['global_step']} (epoch {state['epoch']}) in {path}"
+
+
 def check(run_dir: str) -> str | None:
     """Driver-side check before ``--resume``: the latest checkpoint's path if there is one of
     ours, None if there is none; UserError for anything else (e.g. a pickle ``latest.pt``)."""

@@ -75,6 +75,10 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
         raise UserError("train.data_path is not set: point it at prepare.output_path")
     if not t.run_dir:
         raise UserError("train.run_dir is not set: pass --set train.run_dir=DIR")
+    if fsutil.local_path(t.run_dir) is None:
+        # checkpoints, metrics, plots and the bundle are written by rank 0 with local file calls
+        raise UserError(f"train.run_dir={t.run_dir}: must be a local or mounted path that rank 0 and the driver share "
+                        "(e.g. /dbfs/... on Databricks, an NFS mount), not a Hadoop URI")
     manifest = dataset.read_manifest(t.data_path)
     feature = FEATURE_OF[cfg.model.name]
     if feature not in manifest["schema"]:
@@ -103,7 +107,7 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
     readers = world_size * (cfg.hogwild.workers if t.mode == "hogwild" else 1)
     return RankSpec(
         data_url=fsutil.to_url(t.data_path).rstrip("/"),
-        run_dir=fsutil.local_path(t.run_dir) or t.run_dir,
+        run_dir=fsutil.local_path(t.run_dir),
         feature=feature,
         shapes={k: v["shape"] for k, v in manifest["schema"].items()},
         steps_per_epoch=steps,
@@ -148,11 +152,39 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
     )
 
 
+def _launch_with_restarts(spec: RankSpec, cfg: Config, n: int, spark) -> dict[str, Any]:
+    """Launch the ranks; after a rank failure relaunch them all from the last checkpoint, up to
+    ``train.max_restarts`` times (torchrun's --max-restarts), then fail with one line naming
+    what died and where ``--resume`` would continue."""
+    import dataclasses
+
+    from dl_pipeline.train import checkpoint
+    from dl_pipeline.train.launch import LAUNCHERS
+
+    launch = LAUNCHERS[cfg.train.launcher]
+    for attempt in range(cfg.train.max_restarts + 1):
+        try:
+            return launch(spec, cfg, n, spark)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a rank's own traceback is in the log above
+            if cfg.train.launcher == "local":  # the rank ran in this process: its traceback goes to the log
+                log.error("the rank failed", exc_info=True)
+            what = " ".join(str(exc).split())[:300] or type(exc).__name__
+            where = checkpoint.describe(spec.run_dir)
+            if attempt == cfg.train.max_restarts:
+                hint = "; continue with --resume" if "step" in where else ""
+                raise PipelineError(f"training failed ({what}); {where}{hint}") from exc
+            log.warning("training failed (%s); restart %d of %d from the %s", what, attempt + 1, cfg.train.max_restarts, where)
+            # the relaunched ranks resume; the test hook that killed a rank fires once
+            spec = dataclasses.replace(spec, resume=True, fail_at_step=0)
+    raise AssertionError("unreachable")
+
+
 def train_model(cfg: Config, spark=None) -> dict[str, Any]:
     """Train per ``cfg``; returns final metrics (also in ``<run_dir>/metrics.json``)."""
     from dl_pipeline.spark import get_spark
     from dl_pipeline.train import checkpoint
-    from dl_pipeline.train.launch import LAUNCHERS
 
     if cfg.train.launcher == "spark" and spark is None:
         spark = get_spark(cfg.spark)
@@ -170,14 +202,7 @@ def train_model(cfg: Config, spark=None) -> dict[str, Any]:
              spec.batch_size * n * (spec.hogwild_workers if spec.mode == "hogwild" else 1), spec.peak_lr, spec.lr_schedule,
              spec.warmup_steps, spec.steps_per_epoch, spec.epochs,
              "held in memory after one read" if spec.resident else f"streamed from Parquet every pass (train.cache_mb={cfg.train.cache_mb})")
-    launch = LAUNCHERS[cfg.train.launcher]
-    if cfg.train.launcher == "local":
-        metrics = launch(spec, cfg, n, spark)
-    else:
-        try:
-            metrics = launch(spec, cfg, n, spark)
-        except Exception as exc:  # a rank failed: its own traceback is in the log above
-            raise PipelineError(f"training failed on a Horovod rank ({str(exc).splitlines()[0][:300]}); see the rank log above") from exc
+    metrics = _launch_with_restarts(spec, cfg, n, spark)
     summary = {"val": metrics["val"], "test": metrics["test"], "epochs_run": metrics["epochs_run"],
                "world_size": metrics["world_size"], "run_dir": spec.run_dir}
     log.info("train finished: %s", json.dumps(summary))

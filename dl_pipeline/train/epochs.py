@@ -126,8 +126,8 @@ class _StepLog:
             self.t, self.n = time.perf_counter(), 0
         if crossed(s.checkpoint_every_steps) and done % s.steps_per_epoch:
             self.save(done)
-        if s.fail_at_step and done >= s.fail_at_step > done - ran:
-            # test hook: a crash mid-epoch, a real SIGKILL (no clean-up), like a lost executor
+        if s.fail_at_step and done >= s.fail_at_step > done - ran and self.comm.rank == self.comm.size - 1:
+            # test hook: the last rank dies mid-epoch, a real SIGKILL (no clean-up), like a lost executor
             os.kill(os.getpid(), signal.SIGKILL)
 
 

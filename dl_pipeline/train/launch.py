@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,11 +32,50 @@ def launch_spark(spec: RankSpec, cfg: Config, n: int, spark) -> dict[str, Any]:
 
     master = spark.sparkContext.master
     nics = set(cfg.horovod.nics) or ({"lo"} if master.startswith("local") else None)
-    results = horovod.spark.run(
-        run_rank, args=(spec,), num_proc=n, start_timeout=cfg.horovod.start_timeout_s, use_gloo=True,
-        verbose=cfg.horovod.verbose, nics=nics, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    with _quiet_job_cancellation():
+        try:
+            results = horovod.spark.run(
+                run_rank, args=(spec,), num_proc=n, start_timeout=cfg.horovod.start_timeout_s, use_gloo=True,
+                verbose=cfg.horovod.verbose, nics=nics, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        except Exception as exc:
+            raise RuntimeError(_rank_failure(str(exc))) from exc
     return next(r for r in results if r is not None)
+
+
+def _rank_failure(message: str) -> str:
+    """Horovod's "... The first process to do so was: Process name: 1 Exit code: 137" -> "rank 1
+    died (exit code 137: SIGKILL)"; any other message as it is."""
+    import re
+    import signal
+
+    m = re.search(r"Process name: (\S+)\s+Exit code: (-?\d+)", message)
+    if not m:
+        return message
+    code = int(m.group(2))
+    sig = code - 128 if code > 128 else -code if code < 0 else 0
+    name = f": {signal.Signals(sig).name}" if sig in signal.valid_signals() else ""
+    return f"rank {m.group(1)} died (exit code {code}{name})"
+
+
+@contextlib.contextmanager
+def _quiet_job_cancellation():
+    """When a rank dies, Horovod cancels its Spark job, and the thread that waited on that job
+    prints the cancellation as a traceback. The failure itself is reported once, by the driver;
+    that traceback only hides it. Other exceptions in threads are printed as usual."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args):
+        if "cancelled part of cancelled job group horovod.spark.run" not in str(args.exc_value):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def launch_horovodrun(spec: RankSpec, cfg: Config, n: int, spark) -> dict[str, Any]:
