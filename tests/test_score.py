@@ -75,11 +75,14 @@ def test_rerunning_a_date_replaces_exactly_that_partition(spark, scored):
     out = cfg.score.output_path
     score_batch(spark, replace(cfg, score={"run_date": "2026-11-21"}))
     before = _partition(out, "2026-11-20")
+    other = _partition(out, "2026-11-21")
     score_batch(spark, cfg)  # the same date again
     after = _partition(out, "2026-11-20")
     assert len(after) == 7600 and after["row_number"].is_unique
     assert sorted(after["row_number"]) == sorted(before["row_number"])
-    assert len(_partition(out, "2026-11-21")) == 7600  # the other date is untouched
+    assert after["scored_at"].min() > before["scored_at"].max()  # rewritten, not left as it was
+    untouched = _partition(out, "2026-11-21")
+    assert len(untouched) == 7600 and untouched["scored_at"].equals(other["scored_at"])  # the other date is untouched
     whole = spark.read.parquet(out)
     assert whole.count() == 2 * 7600
     assert whole.groupBy("dt", "row_number").count().filter("count > 1").count() == 0
