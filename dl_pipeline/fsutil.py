@@ -6,11 +6,17 @@ Spark reads and writes the data itself; these helpers cover the small files Pyth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import socket
+from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
+
+from dl_pipeline.errors import UserError
 
 
 def to_url(path: str) -> str:
@@ -79,6 +85,51 @@ def write_text_atomic(url: str, text: str) -> None:
     with fs.open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
     fs.mv(tmp, path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(url: str, owner: dict[str, Any], describe: str):
+    """Hold the lock file ``url`` (created exclusively; its JSON names ``owner``) for the block.
+
+    Held by another run: UserError naming the holder, unless that holder is a process of this
+    host that no longer exists (killed with no clean-up), whose lock is taken over. ``describe``
+    names what the lock guards, for the message. Removed on exit, also after an exception."""
+    fs, path = fs_and_path(url)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    doc = json.dumps({**owner, "host": socket.gethostname(), "pid": os.getpid()})
+    for _ in range(2):
+        try:
+            with fs.open(path, "xb") as fh:  # exclusive: fails when the file exists
+                fh.write(doc.encode("utf-8"))
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(read_text(url))
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
+                fs.rm(path)  # its run was killed; the outputs it was replacing kept their previous state
+                continue
+            raise UserError(f"{describe} is running already (lock {url}: {holder.get('host', '?')} pid {holder.get('pid', '?')}, "
+                            f"started {holder.get('started', '?')}); wait for it, or delete the lock if that run is gone") from None
+    else:
+        raise UserError(f"{describe}: could not take the lock {url}; try again")
+    try:
+        yield
+    finally:
+        fs.rm(path)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def sha256_and_size(url: str) -> tuple[str, int]:

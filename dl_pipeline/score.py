@@ -321,8 +321,12 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     per_batch = s.max_records_per_batch if kind == "text" else min(s.max_records_per_batch, IMAGE_RECORDS_PER_BATCH)
     before = spark.conf.get(BATCH_CONF, None)
     spark.conf.set(BATCH_CONF, str(per_batch))  # the plans below take it; the caller's value is put back (notebooks)
+    lock = fsutil.join(fsutil.to_url(s.output_path), "_runs", f"{date}.lock")
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     try:
-        return _score_date(spark, cfg, bundle, kind, date, in_path, t0)
+        # two runs of one date would interleave their replacements of the partition: one at a time
+        with fsutil.exclusive_lock(lock, {"started": started, "model_version": bundle.version}, f"score for {date}"):
+            return _score_date(spark, cfg, bundle, kind, date, in_path, t0)
     finally:
         if before is None:
             spark.conf.unset(BATCH_CONF)

@@ -491,3 +491,35 @@ def test_a_model_retrained_at_the_same_path_is_served_at_once(spark, ag_model, t
     df = _partition(tmp_path / "out", "2026-11-22")
     assert second != first and set(df["model_version"]) == {second}
     assert df["prediction"].tolist() == [4, 4]
+
+
+def test_two_runs_of_one_date_do_not_interleave_and_a_dead_runs_lock_is_taken_over(spark, ag_model, tmp_path):
+    """Real processes: while one run of a date holds its lock, a second refuses with one line
+    (exit 2); the first ends whole. A lock left by a killed run (its pid is gone) is taken over."""
+    import time
+
+    cfg, _ = ag_model
+    out, date = tmp_path / "out", "2026-11-23"
+    lock = out / "_runs" / f"{date}.lock"
+    cmd = [sys.executable, "-m", "dl_pipeline.cli", "score", "--set", f"score.model_path={cfg.train.run_dir}/model",
+           "--set", f"score.input_path={AG_TEST}", "--set", f"score.output_path={out}", "--set", f"score.run_date={date}",
+           "--set", "spark.master=local[1]"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while not lock.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), "the first run never took its lock"
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert second.returncode == 2, second.stderr[-2000:]
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"score for {date} is running already" in errors[0]
+    df = _partition(out, date)
+    assert len(df) == 7600 and df["row_number"].is_unique and not lock.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "earlier"}))
+    run = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": AG_TEST,
+                              "output_path": str(out), "run_date": date, "top_k": 0})
+    assert score_batch(spark, run)["summary"]["scored"] == 7600 and not lock.exists()
