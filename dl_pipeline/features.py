@@ -102,6 +102,24 @@ def clean_record(parts: Sequence[Any], separator: str) -> str:
     return text
 
 
+def check_record(parts: Sequence[Any] | None, separator: str, max_chars: int,
+                 reject_invalid_utf8: bool = True) -> tuple[str | None, str | None]:
+    """The one rule set for a record's text, in prepare (every input path) and score: its text
+    fields (None allowed) -> (reject reason or None, cleaned text or None).
+
+    In order: no text at all or nothing left after cleaning -> ``empty_text``; U+FFFD from
+    decoding -> ``invalid_utf8`` (when rejected; score keeps such rows); more than ``max_chars``
+    characters over the raw fields -> ``text_too_long``."""
+    if parts is None or all(p is None or p == "" for p in parts):
+        return "empty_text", None
+    if reject_invalid_utf8 and any(p and "\ufffd" in p for p in parts):
+        return "invalid_utf8", None
+    if sum(len(p) for p in parts if p) > max_chars:
+        return "text_too_long", None
+    text = clean_record(parts, separator)
+    return (None, text) if text else ("empty_text", None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Featurizer spec
 # ---------------------------------------------------------------------------------------------

@@ -75,11 +75,13 @@ def clean_content(data: DataConfig):
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
-    separator = data.title_separator
+    separator, max_chars, reject_utf8 = data.title_separator, data.max_text_chars, data.invalid_utf8 == "reject"
 
-    @pandas_udf("string")
-    def clean_udf(parts: pd.Series) -> pd.Series:
-        return pd.Series([None if p is None else features.clean_record(p, separator) for p in parts], dtype=object)
+    @pandas_udf("reason string, text string")
+    def check_udf(parts: pd.Series) -> pd.DataFrame:
+        checked = [features.check_record(None if p is None else list(p), separator, max_chars, reject_utf8) for p in parts]
+        reasons, texts = zip(*checked, strict=True) if checked else ((), ())
+        return pd.DataFrame({"reason": list(reasons), "text": list(texts)}, dtype=object)
 
     def transform(df):
         if data.kind != "text":
@@ -91,15 +93,10 @@ def clean_content(data: DataConfig):
         if "text_reason" in df.columns:  # checked and cleaned while parsing (line-mode CSV)
             df = df.withColumn("reason", F.coalesce("reason", "text_reason")).drop("text_reason")
             df = df.withColumn("text", F.when(F.col("reason").isNull(), F.col("text")))
-        else:
-            total_len = F.aggregate(F.col("parts"), F.lit(0), lambda acc, x: acc + F.coalesce(F.length(x), F.lit(0)))
-            bad_utf8 = F.exists(F.col("parts"), lambda x: F.instr(x, "\ufffd") > 0)
-            reason = F.col("reason")
-            if data.invalid_utf8 == "reject":
-                reason = F.coalesce(reason, F.when(bad_utf8, F.lit("invalid_utf8")))
-            reason = F.coalesce(reason, F.when(total_len > data.max_text_chars, F.lit("text_too_long")))
-            df = df.withColumn("reason", reason)
-            df = df.withColumn("text", clean_udf(F.when(F.col("reason").isNull(), F.col("parts"))))
+        else:  # fields split by Spark: the same rule set (features.check_record), on the rows not yet rejected
+            checked = check_udf(F.col("parts"))
+            df = df.withColumn("_c", F.when(F.col("reason").isNull(), checked))
+            df = df.withColumn("reason", F.coalesce("reason", "_c.reason")).withColumn("text", F.col("_c.text")).drop("_c")
         df = df.withColumn(
             "reason",
             F.coalesce("reason", F.when(F.col("text").isNull() | (F.col("text") == ""), F.lit("empty_text"))),

@@ -193,18 +193,15 @@ def _text_batch(pdf: pd.DataFrame, spec: dict[str, Any], max_chars: int, separat
 
     Fields split by Spark come as ``parts``; raw Zhang CSV lines as ``raw`` are parsed,
     length-checked and cleaned in one pass here (pdf gains ``label_raw``)."""
-    if "parts" in pdf:  # fields split by Spark (named columns, multi-line CSV)
+    if "parts" in pdf:  # fields split by Spark (named columns, multi-line CSV): the one rule set
         reasons, texts = list(pdf["reason"]), []
         for i, parts in enumerate(pdf["parts"]):
             text = ""
             if reasons[i] is None:
-                if parts is None or all(p is None for p in parts):
-                    reasons[i] = "null_text"
-                elif sum(len(p) for p in parts if p) > max_chars:
-                    reasons[i] = "text_too_long"
-                else:
-                    text = features.clean_record(list(parts), separator)
-            texts.append(text)
+                # Scoring keeps rows with undecodable bytes (as U+FFFD), as the line path does.
+                reasons[i], text = features.check_record(None if parts is None else list(parts), separator, max_chars,
+                                                         reject_invalid_utf8=False)
+            texts.append(text or "")
     else:
         # Scoring keeps rows with undecodable bytes (as U+FFFD), as the Spark CSV path does.
         parsed = parse_and_clean_lines(pdf["raw"], num_fields, separator, max_chars, reject_invalid_utf8=False)
@@ -356,7 +353,8 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
     ddl += ", model_version string, raw string, reason string"
     model_url = fsutil.to_url(s.model_path)
     scored = raw.mapInPandas(
-        _score_fn(model_url, bundle.version, ids, s.batch_size, s.top_k, cfg.data.max_text_chars,
+        _score_fn(model_url, bundle.version, ids, s.batch_size, s.top_k,
+                  bundle.featurizer.get("cleaning", {}).get("max_text_chars", cfg.data.max_text_chars),
                   bundle.featurizer.get("cleaning", {}).get("title_separator", ""), cfg.data.num_fields,
                   spark.conf.get(INJECT_FAILURE_CONF, "false") == "true", spark.conf.get(DROP_ROW_CONF, "false") == "true"),
         ddl,

@@ -30,7 +30,7 @@ import pandas as pd
 from dl_pipeline import fsutil
 from dl_pipeline.config import DataConfig
 from dl_pipeline.errors import UserError
-from dl_pipeline.features import clean_record
+from dl_pipeline.features import check_record
 
 _FIELD_LIMIT = 1 << 30
 
@@ -98,23 +98,18 @@ def parse_and_clean_lines(lines: Sequence[str], num_fields: int, separator: str,
                           reject_invalid_utf8: bool = True) -> list[tuple]:
     """Lines -> [(label, parts, reason, cleaned text, text reason)].
 
-    ``reason`` is the parse failure; ``text reason`` is ``invalid_utf8`` (U+FFFD from decoding,
-    when rejected) or ``text_too_long``, kept apart so a label error still takes precedence.
-    text is None for unparsable, rejected or over-long rows. Parsing, checking and cleaning in
-    one Python pass: another Arrow UDF, or JVM checks on the split-out fields, would move every
-    row between the JVM and Python once more.
+    ``reason`` is the parse failure; ``text reason`` is what ``features.check_record`` (the one
+    rule set for text) says, kept apart so a label error still takes precedence. text is None
+    for unparsable or rejected rows. Parsing, checking and cleaning in one Python pass: another
+    Arrow UDF, or JVM checks on the split-out fields, would move every row between the JVM and
+    Python once more.
     """
     out = []
     for line in lines:
         label, parts, reason = parse_zhang_line(line, num_fields)
         text = text_reason = None
         if reason is None:
-            if reject_invalid_utf8 and any("\ufffd" in p for p in parts):
-                text_reason = "invalid_utf8"
-            elif sum(map(len, parts)) > max_chars:
-                text_reason = "text_too_long"
-            else:
-                text = clean_record(parts, separator)
+            text_reason, text = check_record(parts, separator, max_chars, reject_invalid_utf8)
         out.append((label, parts, reason, text, text_reason))
     return out
 

@@ -409,3 +409,59 @@ def test_writer_counts_every_key_with_nulls_apart_from_values():
         ("ok", None, "train", 0): 2, ("ok", None, "val", 3): 1,
         ("duplicate", "duplicate", None, 1): 1, ("rejected", "empty_text", None, None): 2,
     }
+
+
+def test_prepare_and_score_give_the_same_rows_the_same_reasons(spark, bad_run, ag_model, tmp_path):
+    """One rule set (sources.parse_zhang_line, features.check_record): the same bad lines scored
+    get the reasons prepare gave them. Only what score does not judge differs: labels and
+    duplicates (score has no labels to check), and invalid UTF-8, which score keeps by policy."""
+    import pyarrow.parquet as pq
+
+    from dl_pipeline.config import replace
+    from dl_pipeline.score import score_batch
+
+    tmp, _ = bad_run
+    cfg, _ = ag_model
+    prepared = pq.read_table(f"{tmp}/out/rejects").to_pandas()
+    by_prepare = dict(zip(prepared["row_number"], prepared["reason"], strict=True))
+    run = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": str(tmp / "bad.csv"),
+                              "output_path": str(tmp_path / "scores"), "run_date": "2026-11-24", "top_k": 0,
+                              "id_columns": ["row_number"]})
+    score_batch(spark, run)
+    scored = pq.read_table(f"{tmp_path}/scores/_rejects/dt=2026-11-24").to_pandas()
+    by_score = dict(zip(scored["row_number"], scored["reason"], strict=True))
+    not_judged = {"label_not_integer", "label_out_of_range", "duplicate", "conflicting_labels", "invalid_utf8"}
+    expected = {n: r for n, r in by_prepare.items() if r not in not_judged}
+    assert set(expected.values()) == {"wrong_field_count", "empty_text", "text_too_long", "malformed_quoting"}
+    assert by_score == expected
+
+
+def test_named_columns_get_the_same_reasons_in_prepare_and_score(spark, ag_model, tmp_path):
+    """JSON rows, fields split by Spark: the same rule set as the line path, in both stages
+    (all-null text was ``null_text`` in score and ``empty_text`` in prepare before)."""
+    import json
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    from dl_pipeline.config import replace
+    from dl_pipeline.score import score_batch
+
+    rows = [{"id": i, "label": 1 + i % 4, "title": f"title {i}", "text": f"fine row number {i} about the news"}
+            for i in range(8)]
+    rows += [{"id": 8, "label": 1, "title": None, "text": None}, {"id": 9, "label": 2, "title": "", "text": "  <br> "},
+             {"id": 10, "label": 3, "title": "huge", "text": "word " * 50_000}]
+    path = tmp_path / "rows.json"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"id": 11, "title": "broken\n')
+    cfg = _config(tmp_path, f"data.train_path={path}", "data.format=json", "data.text_columns=[title,text]",
+                  "shard.val_fraction=0")
+    prepare_dataset(spark, cfg)
+    by_prepare = Counter(pq.read_table(f"{tmp_path}/out/rejects").to_pandas()["reason"])
+    model_cfg, _ = ag_model
+    run = replace(model_cfg, score={"model_path": os.path.join(model_cfg.train.run_dir, "model"), "input_format": "json",
+                                    "input_path": str(path), "output_path": str(tmp_path / "scores"),
+                                    "run_date": "2026-11-24", "top_k": 0, "id_columns": ["id"]},
+                  data={"text_columns": ["title", "text"]})
+    score_batch(spark, run)
+    by_score = Counter(pq.read_table(f"{tmp_path}/scores/_rejects/dt=2026-11-24").to_pandas()["reason"])
+    assert by_prepare == by_score == Counter({"empty_text": 2, "text_too_long": 1, "malformed_record": 1})
