@@ -529,3 +529,15 @@ def test_a_killed_rank_fails_the_job_fast_and_max_restarts_resumes_it(spark, sma
                               spark=spark)
     assert "restart 1 of 1 from the last checkpoint: step 25" in caplog.text
     assert metrics["global_step"] == 80 and metrics["epochs_run"] == 2
+
+
+def test_a_killed_rank_under_horovodrun_is_named_in_one_line(small_uneven, tmp_path, monkeypatch):
+    from dl_pipeline.errors import PipelineError
+
+    monkeypatch.setenv("DL_PIPELINE_FAIL_AT_STEP", "30")
+    cfg = replace(small_uneven, train={"launcher": "horovodrun", "num_proc": 2, "epochs": 2, "steps_per_epoch": 40,
+                                       "batch_size": 16, "checkpoint_every_steps": 25, "run_dir": str(tmp_path / "run")})
+    t0 = time.monotonic()
+    with pytest.raises(PipelineError, match=r"training failed \(rank 1 died \(exit code 137: SIGKILL\)\); last checkpoint: step 25"):
+        train_model(cfg)
+    assert time.monotonic() - t0 < 60

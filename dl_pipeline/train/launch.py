@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -91,9 +92,16 @@ def launch_horovodrun(spec: RankSpec, cfg: Config, n: int, spark) -> dict[str, A
         elif hosts.startswith("localhost"):
             cmd += ["--network-interface", "lo"]
         cmd += [sys.executable, "-m", "dl_pipeline.train.epochs", sfile, rfile]
-        proc = subprocess.run(cmd)
-        if proc.returncode != 0:
-            raise RuntimeError(f"horovodrun exited with status {proc.returncode}")
+        # horovodrun's stderr is passed through as it comes and its tail kept: it names the
+        # first rank that died, which the failure line repeats
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+        tail: collections.deque[str] = collections.deque(maxlen=200)
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+        if proc.wait() != 0:
+            text = "".join(tail)
+            raise RuntimeError(_rank_failure(text) if "Process name:" in text else f"horovodrun exited with status {proc.returncode}")
         with open(rfile) as fh:
             return json.load(fh)
 
