@@ -238,6 +238,7 @@ def choose_layout(n_rows: int, spec: dict[str, Any], shard: ShardConfig, shuffle
 
 
 INJECT_FAILURE_CONF = "spark.dl_pipeline.test.inject_prepare_failure"
+PAUSE_CONF = "spark.dl_pipeline.test.pause_dir"  # test hook: see _dataset_writer
 REJECTS_SCHEMA = pa.schema([("origin", pa.string()), ("source_file", pa.string()), ("row_number", pa.int64()),
                             ("raw", pa.string()), ("reason", pa.string())])
 _WRITER_OUTPUT = pa.schema([("kind", pa.string()), ("split", pa.string()), ("grp", pa.int32()), ("file", pa.string()),
@@ -269,7 +270,7 @@ def _count_keys(batch: pa.RecordBatch) -> dict[tuple, int]:
     return out
 
 
-def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_failure: bool = False):
+def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_failure: bool = False, pause_dir: str = ""):
     """The function ``mapInArrow`` runs on executors, once per task, over every row.
 
     Rows come with each row group's rows together (see resolve_duplicates), in a seeded order
@@ -284,6 +285,10 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_fai
     Arrow batches, not pandas: only the text column becomes Python objects. pyarrow's output
     depends on the rows alone: parquet-mr lists column encodings in identity-hash order, so the
     same rows written by two JVMs used to differ.
+
+    Test hooks: ``inject_failure`` makes every task's first attempt raise after its first file;
+    ``pause_dir`` makes task 0's first attempt, after its first file, write its pid there and
+    wait (up to 60 s) for the test to kill it with a signal.
     """
     import pyarrow.compute as pc
 
@@ -335,6 +340,8 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_fai
                     flush()
                     if fail_after_first_file:
                         raise RuntimeError("injected prepare failure")
+                    if pause_dir and context.partitionId() == 0 and context.attemptNumber() == 0:
+                        _wait_to_be_killed(pause_dir)
                 pending_group = int(group[lo])
                 piece = batch.slice(lo, hi - lo)
                 split = piece.column("split")
@@ -346,6 +353,17 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_fai
         yield _report(files)
 
     return write
+
+
+def _wait_to_be_killed(pause_dir: str) -> None:
+    """Test hook: announce this worker's pid, then wait for a signal (mid-task, files written)."""
+    import os
+
+    os.makedirs(pause_dir, exist_ok=True)
+    with open(os.path.join(pause_dir, f".{os.getpid()}"), "w") as fh:
+        fh.write(str(os.getpid()))
+    os.rename(os.path.join(pause_dir, f".{os.getpid()}"), os.path.join(pause_dir, str(os.getpid())))
+    time.sleep(60)
 
 
 def _move(spark, src: str, dst: str) -> None:
@@ -390,7 +408,8 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
         )
         .coalesce(tasks)  # keeps each partition's order, so each group's rows stay together
     )
-    writer = _dataset_writer(spec, staging, schema, spark.conf.get(INJECT_FAILURE_CONF, "false") == "true")
+    writer = _dataset_writer(spec, staging, schema, spark.conf.get(INJECT_FAILURE_CONF, "false") == "true",
+                             spark.conf.get(PAUSE_CONF, ""))
     written = rows.mapInArrow(writer, _WRITER_DDL).collect()
     summary = summarize([r.asDict() for r in written if r["kind"] == "count"], num_classes)
     check_accounting(summary["counts"])

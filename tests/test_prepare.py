@@ -465,3 +465,49 @@ def test_named_columns_get_the_same_reasons_in_prepare_and_score(spark, ag_model
     score_batch(spark, run)
     by_score = Counter(pq.read_table(f"{tmp_path}/scores/_rejects/dt=2026-11-24").to_pandas()["reason"])
     assert by_prepare == by_score == Counter({"empty_text": 2, "text_too_long": 1, "malformed_record": 1})
+
+
+_KILL_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from conftest import demo_config
+from dl_pipeline.config import SparkConfig
+from dl_pipeline.prepare import PAUSE_CONF, prepare_dataset
+from dl_pipeline.spark import get_spark
+# two executor JVMs; task 0's writer announces its Python worker's pid mid-task, the test kills it
+spark = get_spark(SparkConfig(master="local-cluster[2,1,1024]", conf={"spark.sql.shuffle.partitions": "4",
+                                                                      PAUSE_CONF: sys.argv[3]}))
+prepare_dataset(spark, demo_config(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_a_python_worker_killed_mid_write_on_local_cluster_gives_the_same_shards(ag_prepared, tmp_path):
+    """A real SIGKILL of the Python worker writing row groups (after its first file): Spark
+    retries the task on an executor, and the shards equal a clean run's, with no leftovers."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, pause = tmp_path / "kill.py", tmp_path / "pause"
+    script.write_text(_KILL_RUN)
+    proc = subprocess.Popen([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__)), str(tmp_path),
+                             str(pause)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def paused():
+        return [int(f) for f in os.listdir(pause) if f.isdigit()] if pause.exists() else []
+
+    deadline = time.time() + 300
+    while not paused() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    pids = paused()
+    assert pids, "the writer never paused"
+    os.kill(pids[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Python worker exited unexpectedly" in err  # the task really died and was retried
+    cfg, manifest = ag_prepared
+    assert shard_digests(str(tmp_path / "prepared")) == shard_digests(cfg.prepare.output_path)
+    assert json.load(open(tmp_path / "prepared" / "manifest.json"))["counts"] == manifest["counts"]
+    leftovers = [f for _, _, files in os.walk(tmp_path / "prepared") for f in files if f.endswith(".tmp")]
+    assert not leftovers and not (tmp_path / "prepared" / "_staging").exists()
