@@ -58,16 +58,20 @@ def arrow_schema(spec: dict[str, Any]):
     return pa.schema(fields)
 
 
+ITEMSIZE = {"int32": 4, "uint8": 1}  # bytes per value of the numeric dtypes in feature_shapes
+
+
+def column_bytes(col: dict[str, Any]) -> int:
+    """The bytes of one row's value of a numeric column ({"dtype", "shape"}), as numpy holds it."""
+    n = ITEMSIZE[col["dtype"]]
+    for d in col["shape"]:
+        n *= d
+    return n
+
+
 def bytes_per_row(spec: dict[str, Any]) -> int:
     """Rough stored size of one row, to size row groups before writing."""
-    n = 32
-    for col in feature_shapes(spec).values():
-        if col["shape"]:
-            width = 1
-            for d in col["shape"]:
-                width *= d
-            n += width * (4 if col["dtype"] == "int32" else 1) + 4
-    return n
+    return 32 + sum(column_bytes(col) + 4 for col in feature_shapes(spec).values() if col["shape"])
 
 
 def read_manifest(path: str) -> dict[str, Any]:

@@ -172,7 +172,7 @@ class ResidentShard:
     Why: on a small machine the data thread's CPU comes out of the cores the step uses. Per row
     (AG News sample, 2 cores): a Petastorm pass costs ~5.7 us, the padded ``tokens`` gather and
     ``bag_inputs`` ~3.7 us, against ~15 us of model step. Held here, a batch is one gather of
-    its rows' real ids (~0.25 us/row, no padding copied) plus its distinct ids. A shard is held
+    its rows' real ids (~0.25 us/row, no padding copied). A shard is held
     when the driver's estimate of its decoded size fits ``train.cache_mb`` (spec.resident);
     larger shards stream from Parquet pass after pass (``epoch_batches``).
 

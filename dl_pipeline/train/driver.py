@@ -53,14 +53,7 @@ def shard_mib(manifest: dict[str, Any], columns: tuple[str, ...], readers: int, 
     """The decoded size of the largest shard of ``splits`` one of ``readers`` holds, MiB: its rows
     (Petastorm deals row groups out round-robin) x the columns' bytes per row, padding counted
     (an upper bound: token rows are held without it)."""
-    itemsize = {"int32": 4, "int64": 8, "uint8": 1, "float32": 4, "float64": 8}
-    row_bytes = 0
-    for c in columns:
-        field = manifest["schema"][c]
-        n = 1
-        for d in field["shape"]:
-            n *= d
-        row_bytes += n * itemsize.get(field["dtype"], 8)
+    row_bytes = sum(dataset.column_bytes(manifest["schema"][c]) for c in columns)
     total = 0
     for split in splits:
         groups = manifest["splits"][split].get("rows_per_row_group") or [manifest["splits"][split]["rows"]]
