@@ -2,10 +2,17 @@
 
 Layout of ``prepare.output_path``::
 
-    manifest.json          counts, schema, label map, featurizer spec, row groups, timings
-    train/ val/ test/      plain Parquet, one file = one row group, near-equal sizes (rows are
+    manifest.json          counts, schema, label map, featurizer spec, row groups, timings, and
+                           ``root``: the run directory below that holds this dataset
+    v/<run>/train/ val/ test/
+                           plain Parquet, one file = one row group, near-equal sizes (rows are
                            dealt to groups by a seeded hash of their content)
-    rejects/               Parquet: source_file, row_number, raw (<= 4 KB), reason
+    v/<run>/rejects/       Parquet: source_file, row_number, raw (<= 4 KB), reason
+
+Each prepare run writes a new ``v/<run>/`` and publishes it by replacing ``manifest.json`` (one
+atomic rename): a reader resolves the manifest once (``data_root``) and sees the old dataset or
+the new one, never a mix. The previous run's directory is kept (a training run that resolved it
+keeps reading it); older ones are removed by the next publish.
 
 Columns (see ``arrow_schema``): ``row_id`` string, ``label`` int32, and per feature a plain
 Parquet list whose rows all have the same length, so Petastorm's ``make_batch_reader``, Spark,
@@ -93,8 +100,16 @@ def read_manifest(path: str) -> dict[str, Any]:
 FORMAT = "dl_pipeline.prepared/2"
 
 
+def data_root(path: str, manifest: dict[str, Any]) -> str:
+    """The URL of the run directory that ``manifest`` (read from ``path``) publishes. Datasets
+    written before runs had their own directory have no ``root``: their splits sit in ``path``."""
+    url = fsutil.to_url(path).rstrip("/")
+    return fsutil.join(url, manifest["root"]) if manifest.get("root") else url
+
+
 def split_url(path: str, split: str) -> str:
-    return fsutil.join(fsutil.to_url(path), split)
+    """The URL of one split (or ``rejects``) of the dataset published at ``path`` now."""
+    return fsutil.join(data_root(path, read_manifest(path)), split)
 
 
 def temp_name(path: str) -> str:

@@ -4,7 +4,7 @@ Pipeline (each step a ``DataFrame -> DataFrame`` transform)::
 
     read_raw -> parse_labels -> clean_content -> resolve_duplicates (the one shuffle) -> assign_splits
              -> write_outputs: featurize, count, write rejects/ + train/ val/ test/ (one job, no cache)
-             -> accounting identity checked -> outputs moved into place -> manifest
+             -> accounting identity checked -> publish: manifest.json switched to this run's v/<run>/
 
 Every input row ends in exactly one place: a split, ``rejects/`` with a reason, or (for exact
 duplicates, also kept in ``rejects/`` with reason ``duplicate``) counted as a duplicate.
@@ -270,11 +270,11 @@ def _count_keys(batch: pa.RecordBatch) -> dict[tuple, int]:
     return out
 
 
-def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_failure: bool = False, pause_dir: str = ""):
+def _dataset_writer(spec: dict[str, Any], root: str, arrow_schema, inject_failure: bool = False, pause_dir: str = ""):
     """The function ``mapInArrow`` runs on executors, once per task, over every row.
 
     Rows come with each row group's rows together (see resolve_duplicates), in a seeded order
-    of their content. Writes, with pyarrow, under ``staging``:
+    of their content. Writes, with pyarrow, under ``root`` (this run's directory):
       * ``<split>/part-<group>.parquet``: one file = one row group per (split, group);
       * ``rejects/part-<task>.parquet``: the task's rejected and duplicate rows.
     Yields ("file", split, group, name, rows) per file and ("count", status, reason, split,
@@ -313,7 +313,7 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_fai
                 columns = features.encoded_features(rows.column("value").to_pandas(), spec)
                 table = pa.table({"row_id": rows.column("row_id"), "label": rows.column("label"), **columns}, schema=arrow_schema)
                 name = f"part-{pending_group:05d}.parquet"
-                dataset.write_row_group(fsutil.join(staging, split, name), table)
+                dataset.write_row_group(fsutil.join(root, split, name), table)
                 files.append({"kind": "file", "split": split, "grp": pending_group, "file": name, "n": table.num_rows})
             pending.clear()
 
@@ -325,7 +325,7 @@ def _dataset_writer(spec: dict[str, Any], staging: str, arrow_schema, inject_fai
             ok = pc.equal(batch.column("status"), "ok")
             if not pc.all(ok).as_py():
                 if rejects is None:
-                    url = fsutil.join(staging, "rejects", f"part-{context.partitionId():05d}.parquet")
+                    url = fsutil.join(root, "rejects", f"part-{context.partitionId():05d}.parquet")
                     rejects = open_files.enter_context(dataset.parquet_file(url, REJECTS_SCHEMA, compression="snappy"))
                 bad = batch.filter(pc.invert(ok))
                 rejects.write_table(pa.table([bad.column(n) for n in REJECTS_SCHEMA.names], schema=REJECTS_SCHEMA))
@@ -366,37 +366,33 @@ def _wait_to_be_killed(pause_dir: str) -> None:
     time.sleep(60)
 
 
-def _move(spark, src: str, dst: str) -> None:
-    """Replace ``dst`` by the directory ``src`` (a Hadoop rename: atomic on HDFS and local),
-    dropping the temporary files that failed task attempts left in it."""
-    hadoop_delete(spark, dst)
-    fs, path = hadoop_path(spark, src)
+def _drop_attempt_leftovers(spark, url: str) -> None:
+    """Delete the hidden temporary files that failed task attempts left in the folder ``url``."""
+    fs, path = hadoop_path(spark, url)
+    if not fs.exists(path):
+        return
     for status in fs.listStatus(path):
         name = status.getPath().getName()
         if name.startswith(".") and name.endswith(".tmp"):
             fs.delete(status.getPath(), False)
-    if not fs.rename(path, hadoop_path(spark, dst)[1]):
-        raise PipelineError(f"could not move {src} to {dst}")
 
 
-def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partitions: int, num_classes: int,
+def write_outputs(spark, resolved, root: str, spec: dict[str, Any], num_partitions: int, num_classes: int,
                   train_path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Write ``<out>/rejects`` and the datasets ``<out>/{train,val,test}`` in one Spark
-    job; returns (summary of counts, split info). Raises if the rows do not add up.
+    """Write ``<root>/rejects`` and the datasets ``<root>/{train,val,test}`` in one Spark job;
+    returns (summary of counts, split info). Raises if the rows do not add up.
 
-    ``resolved`` is hash-partitioned so that every row group (``_group``, see
+    ``root`` is this run's own directory (see dataset: nothing reads it until the manifest
+    names it). ``resolved`` is hash-partitioned so that every row group (``_group``, see
     resolve_duplicates) lies within one partition; partitions are coalesced into one Python
-    task per core (fewer rejects files, and each task's fixed cost paid once per core), which writes its
-    files (see _dataset_writer) under ``<out>/_staging``; the driver checks them against the
-    counts and moves each output into place. Rows inside a group are ordered by a seeded hash
-    of their content: random and reproducible, so re-runs give byte-identical shards, on any
-    cluster.
+    task per core (fewer rejects files, and each task's fixed cost paid once per core), which
+    writes its files (see _dataset_writer); the driver checks them against the counts. Rows
+    inside a group are ordered by a seeded hash of their content: random and reproducible, so
+    re-runs give byte-identical shards, on any cluster.
     """
     from pyspark.sql import functions as F
 
     schema = dataset.arrow_schema(spec)
-    staging = fsutil.join(out, "_staging")
-    hadoop_delete(spark, staging)  # leftovers of a crashed run
     tasks = max(1, min(spark.sparkContext.defaultParallelism, num_partitions))
     ok = F.col("status") == "ok"
     rows = (
@@ -408,34 +404,31 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
         )
         .coalesce(tasks)  # keeps each partition's order, so each group's rows stay together
     )
-    writer = _dataset_writer(spec, staging, schema, spark.conf.get(INJECT_FAILURE_CONF, "false") == "true",
+    writer = _dataset_writer(spec, root, schema, spark.conf.get(INJECT_FAILURE_CONF, "false") == "true",
                              spark.conf.get(PAUSE_CONF, ""))
     written = rows.mapInArrow(writer, _WRITER_DDL).collect()
     summary = summarize([r.asDict() for r in written if r["kind"] == "count"], num_classes)
     check_accounting(summary["counts"])
     keys = [(w["split"], w["grp"]) for w in written if w["kind"] == "file"]
     if len(keys) != len(set(keys)):  # a group split across tasks: never silently
-        raise PipelineError(f"{staging}: a row group was written by more than one task: {sorted(keys)}")
+        raise PipelineError(f"{root}: a row group was written by more than one task: {sorted(keys)}")
+    for name in ("rejects", *dataset.SPLITS):
+        _drop_attempt_leftovers(spark, fsutil.join(root, name))
 
-    if summary["counts"]["splits"]["train"] == 0:  # the previous output stays whole
+    if summary["counts"]["splits"]["train"] == 0:  # not published: the previous output stays current
         for split in dataset.SPLITS:
-            hadoop_delete(spark, fsutil.join(staging, split))
+            hadoop_delete(spark, fsutil.join(root, split))
         raise UserError(f"{train_path}: no usable training rows ({json.dumps(summary['rejects_by_reason'])}); "
-                        f"this run's rejects are in {staging}/rejects")
-    if fsutil.exists(fsutil.join(staging, "rejects")):
-        _move(spark, fsutil.join(staging, "rejects"), fsutil.join(out, "rejects"))
-    else:  # no rejects: still a (empty) table, so readers need no special case
-        hadoop_delete(spark, fsutil.join(out, "rejects"))
-        dataset.write_row_group(fsutil.join(out, "rejects", "part-00000.parquet"), REJECTS_SCHEMA.empty_table())
+                        f"nothing was published, this run's rejects are in {root}/rejects")
+    if not fsutil.exists(fsutil.join(root, "rejects")):  # no rejects: still a (empty) table, so readers need no special case
+        dataset.write_row_group(fsutil.join(root, "rejects", "part-00000.parquet"), REJECTS_SCHEMA.empty_table())
 
     splits = {}
     for split in dataset.SPLITS:
-        url = fsutil.join(out, split)
+        url = fsutil.join(root, split)
         if split not in {k[0] for k in keys}:  # no rows: no dataset (and the manifest says so)
-            hadoop_delete(spark, url)
             splits[split] = {"rows": 0, "row_groups": 0, "rows_per_row_group": [], "files": [], "per_class": summary["per_class"][split]}
             continue
-        _move(spark, fsutil.join(staging, split), url)
         files = dataset.finalize_split(url, schema)
         splits[split] = {
             "rows": sum(f["rows"] for f in files),
@@ -446,8 +439,43 @@ def write_outputs(spark, resolved, out: str, spec: dict[str, Any], num_partition
         }
         if splits[split]["rows"] != summary["counts"]["splits"][split]:
             raise PipelineError(f"{url}: wrote {splits[split]['rows']} rows, counted {summary['counts']['splits'][split]}")
-    hadoop_delete(spark, staging)
     return summary, splits
+
+
+PUBLISH_PAUSE_CONF = "spark.dl_pipeline.test.publish_pause_dir"  # test hook: see publish
+LEGACY_OUTPUTS = ("train", "val", "test", "rejects", "_staging")  # where runs wrote before v/<run>/
+
+
+def new_run_root() -> str:
+    """``v/<UTC time>-<random>``: a directory no other run uses, sorted by start time."""
+    import uuid
+
+    return f"v/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def publish(spark, out: str, manifest: dict[str, Any]) -> None:
+    """Make ``manifest`` (whose ``root`` names this run's directory) the dataset at ``out``.
+
+    The switch is one atomic replace of ``manifest.json``: a crash before it leaves the previous
+    dataset current and whole, a crash after it the new one. Then run directories other than
+    this one and the one it replaces are deleted (crashed runs, older datasets), and so are
+    outputs of the layout before run directories.
+    """
+    pause = spark.conf.get(PUBLISH_PAUSE_CONF, "")
+    if pause:  # test hook: the driver waits here, everything written, to be killed
+        _wait_to_be_killed(pause)
+    url = fsutil.join(out, dataset.MANIFEST)
+    previous = json.loads(fsutil.read_text(url)).get("root") if fsutil.exists(url) else None
+    manifest["previous_root"] = previous
+    fsutil.write_text_atomic(url, json.dumps(manifest, indent=2, sort_keys=True))
+    keep = {manifest["root"], previous}
+    fs, path = hadoop_path(spark, fsutil.join(out, "v"))
+    for status in fs.listStatus(path) if fs.exists(path) else []:
+        if f"v/{status.getPath().getName()}" not in keep:
+            fs.delete(status.getPath(), True)
+    if previous is None:
+        for name in LEGACY_OUTPUTS:
+            hadoop_delete(spark, fsutil.join(out, name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +528,13 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
     if problem:  # executors write the shards from Python: fail before any work, not in a task
         raise UserError(f"prepare.output_path={cfg.prepare.output_path}: Python cannot write there ({problem}); "
                         "install the filesystem's fsspec package (s3fs, gcsfs) on the driver and executors")
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # One run per output at a time: two runs would each publish, and retire the other's directory.
+    with fsutil.exclusive_lock(fsutil.join(out, "_prepare.lock"), {"started": started}, f"prepare into {out}"):
+        return _prepare(spark, cfg, out)
+
+
+def _prepare(spark, cfg: Config, out: str) -> dict[str, Any]:
     data, spec = cfg.data, (features.text_spec(cfg.features, cfg.data) if cfg.data.kind == "text" else features.image_spec(cfg.data))
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -519,13 +554,15 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
         .transform(resolve_duplicates(groups, partitions, cfg.shard.seed))
         .transform(assign_splits(cfg.shard, bool(data.test_path)))
     )
-    summary, splits = write_outputs(spark, resolved, out, spec, partitions, k, data.train_path)
+    root = new_run_root()
+    summary, splits = write_outputs(spark, resolved, fsutil.join(out, root), spec, partitions, k, data.train_path)
     timings["read_clean_write_s"] = round(time.time() - t, 3)
     log.info("prepare counts: %s (%d row groups, estimated %d input rows)", json.dumps(summary["counts"]), groups, n_est)
 
     timings["total_s"] = round(time.time() - t0, 3)
     manifest = {
         "format": dataset.FORMAT,
+        "root": root,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "counts": summary["counts"],
         "rejects_by_reason": summary["rejects_by_reason"],
@@ -541,6 +578,6 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
         "timings": timings,
         "config": cfg.to_dict(),
     }
-    fsutil.write_text_atomic(fsutil.join(out, dataset.MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
-    log.info("prepare wrote %s in %.1fs", out, timings["total_s"])
+    publish(spark, out, manifest)
+    log.info("prepare wrote %s (%s) in %.1fs", out, root, timings["total_s"])
     return manifest

@@ -49,11 +49,20 @@ def demo_config(tmp, *overrides):
     ])
 
 
-def shard_digests(root):
-    """{split/part-N.parquet: sha256} of a prepared dataset's shards."""
+def published(out):
+    """The local directory that holds the dataset published at ``out`` (its manifest's ``root``)."""
+    import json
+
+    with open(os.path.join(str(out), "manifest.json")) as fh:
+        return os.path.join(str(out), json.load(fh)["root"])
+
+
+def shard_digests(out):
+    """{split/part-N.parquet: sha256} of the shards of the dataset published at ``out``."""
     import glob
     import hashlib
 
+    root = published(out)
     return {os.path.relpath(p, root): hashlib.sha256(open(p, "rb").read()).hexdigest()
             for p in sorted(glob.glob(f"{root}/*/*.parquet")) if "/rejects/" not in p}
 

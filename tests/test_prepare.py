@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import AG_TEST, AG_TRAIN, SAMPLE, read_split, shard_digests
+from conftest import AG_TEST, AG_TRAIN, SAMPLE, published, read_split, shard_digests
 from dl_pipeline.config import load_config
 from dl_pipeline.errors import UserError
 from dl_pipeline.prepare import prepare_dataset
@@ -78,7 +78,7 @@ def test_every_bad_row_is_accounted_for_by_reason(bad_run):
 
 def test_rejects_table_names_file_row_and_reason(bad_run):
     tmp, _ = bad_run
-    rejects = pq.read_table(str(tmp / "out" / "rejects")).to_pandas()
+    rejects = pq.read_table(os.path.join(published(tmp / "out"), "rejects")).to_pandas()
     got = sorted(zip(rejects["row_number"], rejects["reason"], strict=False))
     expected = sorted((i, o) for i, (_, o) in enumerate(BAD_LINES, start=1) if o not in ("ok", None))
     assert got == expected
@@ -99,7 +99,7 @@ def test_petastorm_rows_hold_features_of_clean_rows(bad_run):
     train = manifest["splits"]["train"]
     # 6 rows hashed into 2 groups: both used here, one file each, footers match the manifest
     assert train["row_groups"] == 2 and sum(train["rows_per_row_group"]) == 6
-    files = sorted(glob.glob(f"{tmp}/out/train/*.parquet"))
+    files = sorted(glob.glob(f"{published(tmp / 'out')}/train/*.parquet"))
     assert [os.path.basename(f) for f in files] == train["files"]
     assert [pq.ParquetFile(f).metadata.num_rows for f in files] == train["rows_per_row_group"]
     assert all(pq.ParquetFile(f).metadata.num_row_groups == 1 for f in files)
@@ -111,7 +111,7 @@ def test_shards_are_plain_typed_parquet_that_spark_and_pyarrow_read(spark, ag_pr
     import pyarrow.compute as pc
 
     cfg, manifest = ag_prepared
-    root = cfg.prepare.output_path
+    root = published(cfg.prepare.output_path)
     assert not glob.glob(f"{root}/*/_common_metadata") and not glob.glob(f"{root}/*/_metadata")
     expected = {"row_id": pa.string(), "label": pa.int32(), "chars": pa.list_(pa.uint8()),
                 "tokens": pa.list_(pa.int32()), "length": pa.int32(), "words": pa.int32()}
@@ -153,7 +153,7 @@ def test_ag_sample_counts_match_csv_records_and_shards_are_balanced(ag_prepared)
     assert len(a) + len(b) == train["rows"] == len(shards[0]) + len(shards[1])
     assert abs(len(a) - len(b)) <= max(train["rows_per_row_group"])
     # every row group mixes classes
-    for f in sorted(glob.glob(f"{cfg.prepare.output_path}/train/*.parquet")):
+    for f in sorted(glob.glob(f"{published(cfg.prepare.output_path)}/train/*.parquet")):
         assert len(set(pq.read_table(f, columns=["label"]).column("label").to_pylist())) == 4
 
 
@@ -177,18 +177,18 @@ def test_split_is_stable_when_rows_are_added(spark, tmp_path):
     def ids(path, out):
         cfg = _config(tmp_path, f"data.train_path={path}", f"prepare.output_path={out}", "shard.val_fraction=0.3")
         prepare_dataset(spark, cfg)
-        return {s: set(pq.read_table(f"{out}/{s}", columns=["row_id"]).column("row_id").to_pylist()) for s in ("train", "val")}
+        return {s: set(pq.read_table(f"{published(out)}/{s}", columns=["row_id"]).column("row_id").to_pylist()) for s in ("train", "val")}
 
     a, b = ids(small, tmp_path / "a"), ids(big, tmp_path / "b")
     assert a["val"] and a["val"] <= b["val"] and a["train"] <= b["train"]
     # no bad rows: the rejects table is still there, empty, with its columns
-    rejects = pq.read_table(tmp_path / "b" / "rejects")
+    rejects = pq.read_table(os.path.join(published(tmp_path / "b"), "rejects"))
     assert rejects.num_rows == 0 and rejects.column_names == ["origin", "source_file", "row_number", "raw", "reason"]
 
 
 def _all_digests(root):
     return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, files in os.walk(root) if "_staging" not in d for f in files}
+            for d, _, files in os.walk(root) for f in files}
 
 
 def test_failed_run_leaves_the_previous_output_whole(spark, tmp_path):
@@ -199,19 +199,23 @@ def test_failed_run_leaves_the_previous_output_whole(spark, tmp_path):
     path.write_text("\n".join(rows) + "\n")
     cfg = _config(tmp_path, f"data.train_path={path}", "shard.max_workers=4")
     prepare_dataset(spark, cfg)
-    before = _all_digests(tmp_path / "out")
-    assert "manifest.json" in before and any(p.startswith("rejects/") for p in before)
+    out = tmp_path / "out"
+    first = published(out)
+    manifest, before = (out / "manifest.json").read_bytes(), _all_digests(first)
+    assert any(p.startswith("rejects/") for p in before)
     spark.conf.set(INJECT_FAILURE_CONF, "true")  # every task dies after writing one row group
     try:
         with pytest.raises(Exception, match="injected prepare failure"):
             prepare_dataset(spark, cfg)
     finally:
         spark.conf.unset(INJECT_FAILURE_CONF)
-    assert _all_digests(tmp_path / "out") == before  # manifest, shards and rejects untouched
-    prepare_dataset(spark, cfg)  # the next run clears the failed run's staging; same files
-    after = _all_digests(tmp_path / "out")
-    assert after.pop("manifest.json") and before.pop("manifest.json")  # its timestamps differ
-    assert after == before and not (tmp_path / "out" / "_staging").exists()
+    # the failed run wrote in a directory of its own, which nothing names
+    assert len(os.listdir(out / "v")) == 2 and (out / "manifest.json").read_bytes() == manifest
+    assert _all_digests(first) == before  # shards and rejects untouched
+    prepare_dataset(spark, cfg)  # publishes a new directory, removes the failed run's, keeps the previous
+    assert sorted(os.listdir(out / "v")) == sorted({os.path.basename(first), os.path.basename(published(out))})
+    assert published(out) != first and _all_digests(published(out)) == before
+    assert json.load(open(out / "manifest.json"))["previous_root"] == os.path.relpath(first, out)
 
 
 _RETRY_RUN = """
@@ -245,7 +249,7 @@ def test_retried_tasks_give_the_same_shards(ag_prepared, tmp_path):
     again = json.load(open(tmp_path / "prepared" / "manifest.json"))
     assert again["counts"] == manifest["counts"] and again["rejects_by_reason"] == manifest["rejects_by_reason"]
     leftovers = [f for _, _, files in os.walk(tmp_path / "prepared") for f in files if f.endswith(".tmp")]
-    assert not leftovers and not (tmp_path / "prepared" / "_staging").exists()
+    assert not leftovers and os.listdir(tmp_path / "prepared" / "v") == [os.path.basename(published(tmp_path / "prepared"))]
 
 
 def test_idx_decoding_is_exact(spark, tmp_path):
@@ -309,10 +313,10 @@ def test_user_errors_are_one_line(spark, tmp_path):
     bad = tmp_path / "all_bad.csv"
     bad.write_text('"7","a","b"\n"x","c","d"\n')
     with pytest.raises(UserError, match=r"no usable training rows \(\{\"label_not_integer\": 1, \"label_out_of_range\": 1\}\); "
-                                        r"this run's rejects are in file://.*/out/_staging/rejects$"):
+                                        r"nothing was published, this run's rejects are in file://.*/out/v/[0-9TZ]+-[0-9a-f]{8}/rejects$") as err:
         prepare_dataset(spark, _config(tmp_path, f"data.train_path={bad}"))
-    assert pq.read_table(tmp_path / "out" / "_staging" / "rejects").num_rows == 2
-    assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / "rejects").exists()
+    assert pq.read_table(str(err.value).rsplit(" ", 1)[1][len("file://"):]).num_rows == 2
+    assert not (tmp_path / "out" / "manifest.json").exists()
     with pytest.raises(UserError, match=r"prepare.output_path=nosuchfs://b/x: Python cannot write there \(Protocol not known"):
         prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", "data.num_classes=4", "prepare.output_path=nosuchfs://b/x"]))
 
@@ -360,7 +364,7 @@ def test_multiline_records_with_real_newlines(spark, tmp_path):
     c = manifest["counts"]
     assert (c["input_rows"], c["clean_rows"], c["duplicate_rows"], c["rejected_rows"]) == (5, 2, 1, 2)
     assert manifest["rejects_by_reason"] == {"label_not_integer": 1, "malformed_record": 1}
-    rejects = pq.read_table(str(tmp_path / "out" / "rejects")).to_pandas()
+    rejects = pq.read_table(os.path.join(published(tmp_path / "out"), "rejects")).to_pandas()
     assert sorted(zip(rejects["row_number"], rejects["reason"], strict=True)) == [
         (3, "duplicate"), (4, "malformed_record"), (5, "label_not_integer")]
 
@@ -422,7 +426,7 @@ def test_prepare_and_score_give_the_same_rows_the_same_reasons(spark, bad_run, a
 
     tmp, _ = bad_run
     cfg, _ = ag_model
-    prepared = pq.read_table(f"{tmp}/out/rejects").to_pandas()
+    prepared = pq.read_table(os.path.join(published(f"{tmp}/out"), "rejects")).to_pandas()
     by_prepare = dict(zip(prepared["row_number"], prepared["reason"], strict=True))
     run = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": str(tmp / "bad.csv"),
                               "output_path": str(tmp_path / "scores"), "run_date": "2026-11-24", "top_k": 0,
@@ -456,7 +460,7 @@ def test_named_columns_get_the_same_reasons_in_prepare_and_score(spark, ag_model
     cfg = _config(tmp_path, f"data.train_path={path}", "data.format=json", "data.text_columns=[title,text]",
                   "shard.val_fraction=0")
     prepare_dataset(spark, cfg)
-    by_prepare = Counter(pq.read_table(f"{tmp_path}/out/rejects").to_pandas()["reason"])
+    by_prepare = Counter(pq.read_table(os.path.join(published(tmp_path / "out"), "rejects")).to_pandas()["reason"])
     model_cfg, _ = ag_model
     run = replace(model_cfg, score={"model_path": os.path.join(model_cfg.train.run_dir, "model"), "input_format": "json",
                                     "input_path": str(path), "output_path": str(tmp_path / "scores"),
@@ -510,4 +514,55 @@ def test_a_python_worker_killed_mid_write_on_local_cluster_gives_the_same_shards
     assert shard_digests(str(tmp_path / "prepared")) == shard_digests(cfg.prepare.output_path)
     assert json.load(open(tmp_path / "prepared" / "manifest.json"))["counts"] == manifest["counts"]
     leftovers = [f for _, _, files in os.walk(tmp_path / "prepared") for f in files if f.endswith(".tmp")]
-    assert not leftovers and not (tmp_path / "prepared" / "_staging").exists()
+    assert not leftovers and os.listdir(tmp_path / "prepared" / "v") == [os.path.basename(published(tmp_path / "prepared"))]
+
+
+_PUBLISH_KILL_RUN = """
+import sys
+from dl_pipeline.config import SparkConfig, load_config
+from dl_pipeline.prepare import PUBLISH_PAUSE_CONF, prepare_dataset
+from dl_pipeline.spark import get_spark
+spark = get_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "4", PUBLISH_PAUSE_CONF: sys.argv[3]}))
+prepare_dataset(spark, load_config(None, [f"data.train_path={sys.argv[1]}", f"prepare.output_path={sys.argv[2]}",
+                                          "data.num_classes=4", "shard.max_workers=1", "shard.row_groups_per_worker=2"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_driver_killed_while_publishing_leaves_the_previous_dataset(spark, tmp_path):
+    """A real SIGKILL of the prepare driver with the new run's files all written, just before
+    the switch: readers still get the previous dataset, whole; the next run takes over the dead
+    run's lock, publishes, and removes the dead run's directory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    old.write_text("".join(f'"{1 + i % 4}","title {i}","old body {i} with words"\n' for i in range(400)))
+    new.write_text("".join(f'"{1 + i % 4}","title {i}","new body {i} with words"\n' for i in range(600)))
+    out = tmp_path / "out"
+    prepare_dataset(spark, _config(tmp_path, f"data.train_path={old}"))
+    manifest, first = (out / "manifest.json").read_bytes(), published(out)
+    digests, rows = _all_digests(first), read_split(out, "train", ["row_id"])["row_id"]
+
+    script, pause = tmp_path / "publish.py", tmp_path / "pause"
+    script.write_text(_PUBLISH_KILL_RUN)
+    proc = subprocess.Popen([sys.executable, str(script), str(new), str(out), str(pause)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (pause.exists() and os.listdir(pause)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert pause.exists() and [int(f) for f in os.listdir(pause)] == [proc.pid], proc.stderr.read()[-3000:] if proc.poll() is not None else "no pause"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(os.listdir(out / "v")) == 2 and (out / "_prepare.lock").exists()  # all written, not published
+    assert (out / "manifest.json").read_bytes() == manifest and _all_digests(first) == digests
+    assert (read_split(out, "train", ["row_id"])["row_id"] == rows).all()
+
+    again = prepare_dataset(spark, _config(tmp_path, f"data.train_path={new}"))
+    assert again["counts"]["input_rows"] == 600 and again["previous_root"] == os.path.relpath(first, out)
+    assert sorted(os.listdir(out / "v")) == sorted({os.path.basename(first), os.path.basename(published(out))})
+    assert len(read_split(out, "train", ["row_id"])["row_id"]) == again["splits"]["train"]["rows"]
+    assert not (out / "_prepare.lock").exists()

@@ -99,7 +99,7 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
     peak = r.lr * (world_size if t.scale_lr else 1)
     readers = world_size * (cfg.hogwild.workers if t.mode == "hogwild" else 1)
     return RankSpec(
-        data_url=fsutil.to_url(t.data_path).rstrip("/"),
+        data_url=dataset.data_root(t.data_path, manifest),  # resolved once: a later publish does not move this run
         run_dir=fsutil.local_path(t.run_dir),
         feature=feature,
         shapes={k: v["shape"] for k, v in manifest["schema"].items()},
