@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import re
 import struct
 from typing import Iterator, Sequence
 
@@ -114,6 +115,94 @@ def parse_and_clean_lines(lines: Sequence[str], num_fields: int, separator: str,
     return out
 
 
+# A record whose quoted field holds line breaks spans physical lines. Its first and last lines
+# have an odd number of quote characters (escaped quotes come in pairs); the lines between are
+# each no record on their own.
+MAX_RECORD_LINES = 1000  # a quote left open longer than this is a stray quote, not a record
+CONTINUATION = "continuation"  # internal: this line belongs to the record opened above it
+# A line that starts like a record ("<label>","...) starts one: two lines that each left a quote
+# open are two broken records, not one record across them.
+_RECORD_START = re.compile(r'"[^"]*","')
+
+
+class LineRecords:
+    """Line-mode Zhang CSV, lines in file order -> one result per line: a record's result on its
+    first line, ``CONTINUATION`` on the rest of its lines.
+
+    Results are ``parse_and_clean_lines`` tuples plus ``record``: the whole record's text when
+    it spans lines (for rejects), else None. A line whose quote stays open (odd quote count,
+    unparsable) waits for the next such line of the same file, and the lines between are
+    parsed as one record, unless one of them parses or starts like a record on its own. That
+    record, if it parses, is kept; if it does not, it is rejected
+    once as ``malformed_multiline_record`` (``data.multiline: true`` reads it with Spark's more
+    lenient CSV reader). When the quote is never closed (the file or task ends, a line between
+    parses as a record on its own, ``MAX_RECORD_LINES``), the opening line alone is rejected
+    and the lines after it are read again as lines.
+
+    ``feed`` returns the results decided so far; a record still open waits for the next call,
+    and ``finish`` settles it.
+    """
+
+    def __init__(self, num_fields: int, separator: str, max_chars: int, reject_invalid_utf8: bool = True):
+        self.args = (num_fields, separator, max_chars, reject_invalid_utf8)
+        self.open: list[tuple] = []  # (file, line, result) of the open record's lines so far
+
+    def feed(self, files: Sequence, lines: Sequence[str]) -> list[tuple]:
+        results = parse_and_clean_lines(lines, *self.args)
+        if not self.open and all(r[2] is None for r in results):  # the usual batch: nothing to join
+            return [(*r, None) for r in results]
+        out: list[tuple] = []
+        self._take(zip(files, lines, results, strict=True), out)
+        return out
+
+    def finish(self) -> list[tuple]:
+        out: list[tuple] = []
+        while self.open:
+            self._give_up(out)
+        return out
+
+    def _take(self, items, out: list[tuple]) -> None:
+        for file, line, result in items:
+            if not self.open:
+                if result[2] is not None and line.count('"') % 2:
+                    self.open = [(file, line, result)]
+                else:
+                    out.append((*result, None))
+            elif file != self.open[0][0] or result[2] is None or _RECORD_START.match(line):
+                # another file, a record on its own, or the start of one: the quote was stray
+                self._give_up(out)
+                self._take([(file, line, result)], out)
+            else:
+                self.open.append((file, line, result))
+                if line.count('"') % 2:
+                    self._close(out)
+                elif len(self.open) > MAX_RECORD_LINES:
+                    self._give_up(out)
+
+    def _close(self, out: list[tuple]) -> None:
+        record = "\n".join(line for _, line, _ in self.open)
+        (result,) = parse_and_clean_lines([record], *self.args)
+        if result[2] is not None:
+            result = (None, None, "malformed_multiline_record", None, None)
+        out.append((*result, record))
+        out.extend((None, None, CONTINUATION, None, None, None) for _ in self.open[1:])
+        self.open = []
+
+    def _give_up(self, out: list[tuple]) -> None:
+        """The open quote is not a record: its first line is rejected alone, the rest re-read."""
+        (_, _, first), rest = self.open[0], self.open[1:]
+        out.append((*first, None))
+        self.open = []
+        self._take(rest, out)
+
+
+def _parsed_frame(results: list[tuple]) -> pd.DataFrame:
+    """LineRecords results -> the parse UDF's columns."""
+    cols = list(zip(*results, strict=True))
+    return pd.DataFrame({name: arrow_strings(cols[i]) for name, i in
+                         (("label", 0), ("reason", 2), ("text", 3), ("text_reason", 4), ("record", 5))})
+
+
 def _read_zhang_lines(spark, url: str, origin: str, data: DataConfig):
     """Line-oriented Zhang CSV: splittable, exact line numbers, the raw line kept for rejects."""
     from pyspark.sql import functions as F
@@ -122,13 +211,25 @@ def _read_zhang_lines(spark, url: str, origin: str, data: DataConfig):
     num_fields, separator, max_chars = data.num_fields, data.title_separator, data.max_text_chars
     reject_utf8 = data.invalid_utf8 == "reject"
 
-    @pandas_udf("label string, reason string, text string, text_reason string")
-    def parse(lines: pd.Series) -> pd.DataFrame:
-        out = parse_and_clean_lines(lines, num_fields, separator, max_chars, reject_utf8)
-        cols = list(zip(*out, strict=True)) if out else [()] * 5
-        return pd.DataFrame({name: arrow_strings(cols[i]) for name, i in (("label", 0), ("reason", 2), ("text", 3), ("text_reason", 4))})
+    @pandas_udf("label string, reason string, text string, text_reason string, record string")
+    def parse(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        # One task's lines arrive in file order; a record still open at a batch's end is
+        # answered with the next batch (Spark allows the lag, not more rows than came in).
+        records = LineRecords(num_fields, separator, max_chars, reject_utf8)
+        for files, lines in batches:
+            out = records.feed(files, lines)
+            if out:
+                yield _parsed_frame(out)
+        out = records.finish()
+        if out:
+            yield _parsed_frame(out)
 
-    parsed = read_lines(spark, url).withColumn("p", parse("raw"))
+    # Nondeterministic: its result depends on the lines around a row, so Spark must evaluate it
+    # once, before the filter below (a deterministic UDF was evaluated again after it, on fewer lines).
+    parse = parse.asNondeterministic()
+    parsed = read_lines(spark, url).withColumn("p", parse(F.xxhash64("source_file"), "raw"))
+    # A record's other lines are part of it, not records: they leave here, uncounted.
+    parsed = parsed.filter(F.col("p.reason").isNull() | (F.col("p.reason") != CONTINUATION))
     return parsed.select(
         F.lit(origin).alias("origin"),
         "source_file",
@@ -136,7 +237,7 @@ def _read_zhang_lines(spark, url: str, origin: str, data: DataConfig):
         F.col("p.label").alias("label_raw"),
         F.lit(None).cast("array<string>").alias("parts"),
         F.lit(None).cast("binary").alias("content"),
-        "raw",
+        F.coalesce("p.record", "raw").alias("raw"),
         F.col("p.reason").alias("reason"),
         F.col("p.text").alias("text"),
         F.col("p.text_reason").alias("text_reason"),

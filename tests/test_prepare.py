@@ -566,3 +566,47 @@ def test_a_driver_killed_while_publishing_leaves_the_previous_dataset(spark, tmp
     assert sorted(os.listdir(out / "v")) == sorted({os.path.basename(first), os.path.basename(published(out))})
     assert len(read_split(out, "train", ["row_id"])["row_id"]) == again["splits"]["train"]["rows"]
     assert not (out / "_prepare.lock").exists()
+
+
+def test_line_mode_reads_a_record_with_line_breaks_as_one_record(spark, tmp_path):
+    """Line mode (the default) joins a quoted field's lines into one record, counted once; a
+    joined record that does not parse is rejected once; a stray quote is rejected alone, and
+    the lines after it are kept. The joined records read the same as data.multiline's."""
+    good = [f'"{1 + i % 4}","title {i}","body number {i} with words"' for i in range(400)]
+    spans = ['"2","title with a\nbreak","body"', '"3","t","body line one\nline two\nline three"']
+    lines = good[:10] + [spans[0]] + good[10:200] + [spans[1]] + good[200:]
+    path, whole = tmp_path / "in.csv", tmp_path / "whole.csv"
+    whole.write_text("\n".join(lines) + "\n")
+    bad = ['"1","two fields\nonly"', '"4","a stray "quote","x"']
+    path.write_text("\n".join(lines[:300] + bad + lines[300:]) + "\n")
+    assert path.read_text().count("\n") == 400 + 2 + 3 + 2 + 1  # physical lines
+
+    manifest = prepare_dataset(spark, _config(tmp_path, f"data.train_path={path}"))
+    c = manifest["counts"]
+    assert (c["input_rows"], c["clean_rows"], c["rejected_rows"]) == (404, 402, 2)
+    assert manifest["rejects_by_reason"] == {"malformed_multiline_record": 1, "malformed_quoting": 1}
+    rejects = pq.read_table(os.path.join(published(tmp_path / "out"), "rejects")).to_pandas()
+    assert sorted(zip(rejects["row_number"], rejects["reason"], rejects["raw"], strict=True)) == [
+        (304, "malformed_multiline_record", bad[0]), (306, "malformed_quoting", bad[1])]
+
+    def row_ids(out):
+        splits = json.load(open(out / "manifest.json"))["splits"]
+        return {s: set(read_split(out, s, ["row_id"])["row_id"]) for s in splits if splits[s]["rows"]}
+
+    lenient = prepare_dataset(spark, _config(tmp_path, f"data.train_path={whole}", "data.multiline=true",
+                                             f"prepare.output_path={tmp_path}/multiline"))
+    assert lenient["counts"]["clean_rows"] == 402
+    assert row_ids(tmp_path / "out") == row_ids(tmp_path / "multiline")
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 4, 5])
+def test_line_records_join_across_batches_and_stop_at_a_file_end(cut):
+    from dl_pipeline.sources import CONTINUATION, LineRecords
+
+    lines = ['"1","a","b"', '"2","c', 'd","e"', '"3","open', 'never closed', '"4","x","y"']
+    files = ["f"] * 5 + ["g"]
+    records = LineRecords(3, " ", 1000)
+    out = records.feed(files[:cut], lines[:cut]) + records.feed(files[cut:], lines[cut:]) + records.finish()
+    assert [(r[0], r[2], r[3], r[5]) for r in out] == [
+        ("1", None, "a b", None), ("2", None, "c\nd e", '"2","c\nd","e"'), (None, CONTINUATION, None, None),
+        (None, "malformed_quoting", None, None), (None, "wrong_field_count", None, None), ("4", None, "x y", None)]
