@@ -28,6 +28,7 @@ from dl_pipeline.config import Config, DataConfig, ShardConfig
 from dl_pipeline.errors import PipelineError, UserError
 from dl_pipeline.sources import estimate_rows, read_raw
 from dl_pipeline.spark import hadoop_delete, hadoop_path
+from dl_pipeline.testhooks import wait_to_be_killed
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def _dataset_writer(spec: dict[str, Any], root: str, arrow_schema, inject_failur
                     if fail_after_first_file:
                         raise RuntimeError("injected prepare failure")
                     if pause_dir and context.partitionId() == 0 and context.attemptNumber() == 0:
-                        _wait_to_be_killed(pause_dir)
+                        wait_to_be_killed(pause_dir)
                 pending_group = int(group[lo])
                 piece = batch.slice(lo, hi - lo)
                 split = piece.column("split")
@@ -353,17 +354,6 @@ def _dataset_writer(spec: dict[str, Any], root: str, arrow_schema, inject_failur
         yield _report(files)
 
     return write
-
-
-def _wait_to_be_killed(pause_dir: str) -> None:
-    """Test hook: announce this worker's pid, then wait for a signal (mid-task, files written)."""
-    import os
-
-    os.makedirs(pause_dir, exist_ok=True)
-    with open(os.path.join(pause_dir, f".{os.getpid()}"), "w") as fh:
-        fh.write(str(os.getpid()))
-    os.rename(os.path.join(pause_dir, f".{os.getpid()}"), os.path.join(pause_dir, str(os.getpid())))
-    time.sleep(60)
 
 
 def _drop_attempt_leftovers(spark, url: str) -> None:
@@ -463,7 +453,7 @@ def publish(spark, out: str, manifest: dict[str, Any]) -> None:
     """
     pause = spark.conf.get(PUBLISH_PAUSE_CONF, "")
     if pause:  # test hook: the driver waits here, everything written, to be killed
-        _wait_to_be_killed(pause)
+        wait_to_be_killed(pause)
     url = fsutil.join(out, dataset.MANIFEST)
     previous = json.loads(fsutil.read_text(url)).get("root") if fsutil.exists(url) else None
     manifest["previous_root"] = previous

@@ -1,10 +1,11 @@
 """score: idempotent, scheduled batch scoring with a model bundle.
 
 One run scores the rows of one date (``score.input_path`` may contain ``{date}``) and replaces
-exactly the ``dt=<run_date>`` partition of ``score.output_path`` (dynamic partition overwrite:
-Spark stages the new files and swaps the partition on commit, so a crash mid-run leaves the
-previous partition whole). Bad rows never fail the job: they go to ``_rejects/dt=<run_date>``
-with a reason, and ``rows_in == scored + rejected`` is checked on every run, ``rows_in``
+exactly the ``dt=<run_date>`` partition of ``score.output_path``. Bad rows never fail the job:
+they go to ``_rejects/dt=<run_date>`` with a reason. Both are written in full under
+``_staging/`` first and then moved into place as one journaled commit (``_commit``): a crash
+before it leaves the date's previous result whole, a crash during it is finished by the next
+run of the date. ``rows_in == scored + rejected`` is checked on every run before writing, ``rows_in``
 counted from the input on its own.
 """
 
@@ -14,6 +15,7 @@ import datetime as dt
 import json
 import logging
 import time
+import uuid
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,7 +25,8 @@ from dl_pipeline import features, fsutil
 from dl_pipeline.config import Config, DataConfig, ScoreConfig
 from dl_pipeline.errors import PipelineError, UserError
 from dl_pipeline.sources import parse_and_clean_lines
-from dl_pipeline.spark import hadoop_delete
+from dl_pipeline.spark import hadoop_delete, hadoop_path
+from dl_pipeline.testhooks import wait_to_be_killed
 
 log = logging.getLogger(__name__)
 
@@ -282,15 +285,59 @@ def _spread_over_cores(spark, df, scan):
 
 
 def _replace_partition(spark, df, url: str, fmt: str, date: str, rows: int) -> None:
-    """Make ``df``'s rows (``rows`` of them) the whole ``dt=<date>`` partition of the table at
-    ``url``; other dates stay. Dynamic partition overwrite of no rows would touch nothing, so a
-    re-run with nothing to write deletes the date instead: an earlier run's rows never linger."""
-    if fmt == "delta":  # replaceWhere empties the date even when df is empty
-        df.write.format(fmt).mode("overwrite").partitionBy("dt").option("replaceWhere", f"dt = '{date}'").save(url)
-    elif rows:
-        df.write.format(fmt).mode("overwrite").option("partitionOverwriteMode", "dynamic").partitionBy("dt").save(url)
-    else:
-        hadoop_delete(spark, fsutil.join(url, f"dt={date}"))
+    """Delta: make ``df``'s rows (``rows`` of them) the whole ``dt=<date>`` partition of the
+    table at ``url`` in one transaction (replaceWhere empties the date even when df is empty);
+    other dates stay."""
+    df.write.format(fmt).mode("overwrite").partitionBy("dt").option("replaceWhere", f"dt = '{date}'").save(url)
+
+
+STAGING_DIR = "_staging"
+COMMIT_PAUSE_CONF = "spark.dl_pipeline.test.score_commit_pause_dir"  # test hook: see _apply_moves
+
+
+def _journal(out: str, date: str) -> str:
+    return fsutil.join(out, "_runs", f"{date}.commit")
+
+
+def _apply_moves(spark, moves: list[list[str | None]], pause: str = "") -> None:
+    """Each (src, dst): ``dst`` replaced by the directory ``src`` (a Hadoop rename), or deleted
+    when src is None (no rows). Idempotent, so an interrupted commit can be run again: a src
+    already moved is gone and its move is skipped."""
+    for i, (src, dst) in enumerate(moves):
+        if src is None:
+            hadoop_delete(spark, dst)
+            continue
+        fs, path = hadoop_path(spark, src)
+        if not fs.exists(path):
+            continue
+        hadoop_delete(spark, dst)
+        target = hadoop_path(spark, dst)[1]
+        fs.mkdirs(target.getParent())
+        if not fs.rename(path, target):
+            raise PipelineError(f"could not move {src} to {dst}")
+        if pause and i == 0:  # test hook: the driver stops between the two partitions' moves
+            wait_to_be_killed(pause)
+
+
+def _commit(spark, out: str, date: str, moves: list[list[str | None]]) -> None:
+    """Move a run's staged partitions into place as one commit: the moves are written to a
+    journal first, so a run killed part-way is finished by the next run of the date
+    (``_finish_interrupted_commit``) instead of leaving new predictions beside old rejects."""
+    journal = _journal(out, date)
+    fsutil.write_text_atomic(journal, json.dumps({"moves": moves}))
+    _apply_moves(spark, moves, spark.conf.get(COMMIT_PAUSE_CONF, ""))
+    hadoop_delete(spark, journal)
+
+
+def _finish_interrupted_commit(spark, out: str, date: str) -> None:
+    """Roll forward a commit of ``date`` that a killed run left half done, then clear any
+    staged files of killed runs. Runs under the date's lock."""
+    journal = _journal(out, date)
+    if fsutil.exists(journal):
+        _apply_moves(spark, json.loads(fsutil.read_text(journal))["moves"])
+        hadoop_delete(spark, journal)
+        log.warning("score: finished the commit of %s that an earlier, interrupted run left half done", date)
+    hadoop_delete(spark, fsutil.join(out, STAGING_DIR, date))
 
 
 def score_batch(spark, cfg: Config) -> dict[str, Any]:
@@ -337,6 +384,8 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
     from pyspark.sql import functions as F
 
     s = cfg.score
+    out = fsutil.to_url(s.output_path)
+    _finish_interrupted_commit(spark, out, date)
     raw, ids, scan = _read_input(spark, cfg, in_path, kind)
     if not ids:
         log.warning("score: score.id_columns is empty: the predictions of %s cannot be joined back to its rows; set "
@@ -360,7 +409,6 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
         ddl,
     ).withColumn("scored_at", F.current_timestamp()).withColumn("dt", F.lit(date))
     scored = scored.persist(StorageLevel.MEMORY_AND_DISK)
-    out = fsutil.to_url(s.output_path)
     fmt = s.output_format
     if fmt == "delta":
         try:
@@ -375,9 +423,21 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
             raise PipelineError(f"score lost or duplicated rows: {rows_in} rows in, {counts[True]} scored + {counts[False]} "
                                 f"rejected for {date}; nothing was written, the date keeps its previous result")
         good = scored.filter(F.col("reason").isNull()).drop("raw", "reason")
-        _replace_partition(spark, good, out, fmt, date, counts[True])
         bad = scored.filter(F.col("reason").isNotNull()).select(*ids, "raw", "reason", "model_version", "scored_at", "dt")
-        _replace_partition(spark, bad, fsutil.join(out, REJECTS_DIR), fmt, date, counts[False])
+        if fmt == "delta":
+            _replace_partition(spark, good, out, fmt, date, counts[True])
+            _replace_partition(spark, bad, fsutil.join(out, REJECTS_DIR), fmt, date, counts[False])
+        else:
+            # Both written in full under _staging (hidden from readers of the table), then
+            # moved into place together: see _commit.
+            stage = fsutil.join(out, STAGING_DIR, date, uuid.uuid4().hex[:8])
+            moves = []
+            for df, n, name, table in ((good, counts[True], "scores", out), (bad, counts[False], "rejects", fsutil.join(out, REJECTS_DIR))):
+                if n:
+                    df.write.format(fmt).mode("overwrite").partitionBy("dt").save(fsutil.join(stage, name))
+                moves.append([fsutil.join(stage, name, f"dt={date}") if n else None, fsutil.join(table, f"dt={date}")])
+            _commit(spark, out, date, moves)
+            hadoop_delete(spark, fsutil.join(out, STAGING_DIR, date))
     finally:
         scored.unpersist()
     if rows_in == 0:  # legitimate for a quiet day, but worth a line in a scheduled job's log

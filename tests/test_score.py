@@ -523,3 +523,42 @@ def test_two_runs_of_one_date_do_not_interleave_and_a_dead_runs_lock_is_taken_ov
     run = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": AG_TEST,
                               "output_path": str(out), "run_date": date, "top_k": 0})
     assert score_batch(spark, run)["summary"]["scored"] == 7600 and not lock.exists()
+
+
+def test_a_driver_killed_during_the_commit_is_finished_by_the_next_run(spark, ag_model, tmp_path, caplog):
+    """A real SIGKILL of the scoring driver between moving the new predictions into place and
+    moving the new rejects: the journal it left makes the next run of the date finish that
+    commit first; staged files of the killed run are cleared."""
+    import logging
+    import signal
+    import time
+
+    cfg, _ = ag_model
+    out, date, pause = tmp_path / "out", "2026-11-25", tmp_path / "pause"
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("".join(f'"1","title {i}","first day body {i}"\n' for i in range(20)) + '"1","",""\n' * 2)
+    b.write_text("".join(f'"2","title {i}","second day body {i}"\n' for i in range(30)) + '"1","",""\n' * 3)
+    run = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": str(a),
+                              "output_path": str(out), "run_date": date, "top_k": 0})
+    score_batch(spark, run)
+    cmd = [sys.executable, "-m", "dl_pipeline.cli", "score", "--set", f"score.model_path={cfg.train.run_dir}/model",
+           "--set", f"score.input_path={b}", "--set", f"score.output_path={out}", "--set", f"score.run_date={date}",
+           "--set", "spark.master=local[1]", "--set", f"spark.conf.spark.dl_pipeline.test.score_commit_pause_dir={pause}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 300
+    while not (pause.exists() and os.listdir(pause)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert pause.exists() and [int(f) for f in os.listdir(pause)] == [proc.pid], "the commit never paused"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    # killed half-way: the new predictions are in place, the old rejects still are; the journal says what is left
+    assert len(_partition(out, date)) == 30 and len(pq.read_table(f"{out}/_rejects/dt={date}")) == 2
+    assert (out / "_runs" / f"{date}.commit").exists()
+
+    with caplog.at_level(logging.WARNING, logger="dl_pipeline.score"):
+        summary = score_batch(spark, replace(run, score={"input_path": str(b)}))["summary"]
+    assert any("finished the commit of 2026-11-25" in r.getMessage() for r in caplog.records)
+    assert (summary["scored"], summary["rejected"]) == (30, 3)
+    assert len(_partition(out, date)) == 30 and len(pq.read_table(f"{out}/_rejects/dt={date}")) == 3
+    assert not (out / "_runs" / f"{date}.commit").exists() and not (out / "_staging" / date).exists()
+    assert spark.read.parquet(str(out)).count() == 30

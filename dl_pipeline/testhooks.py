@@ -1,0 +1,17 @@
+"""Hooks the fault tests use to stop a real process at a chosen point and kill it there."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def wait_to_be_killed(pause_dir: str, seconds: float = 60) -> None:
+    """Announce this process's pid as a file in ``pause_dir`` (written whole, then renamed),
+    then wait for the test to kill it with a signal."""
+    os.makedirs(pause_dir, exist_ok=True)
+    tmp = os.path.join(pause_dir, f".{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(str(os.getpid()))
+    os.rename(tmp, os.path.join(pause_dir, str(os.getpid())))
+    time.sleep(seconds)
