@@ -292,14 +292,22 @@ def _replace_partition(spark, df, url: str, fmt: str, date: str, rows: int) -> N
 
 
 STAGING_DIR = "_staging"
-COMMIT_PAUSE_CONF = "spark.dl_pipeline.test.score_commit_pause_dir"  # test hook: see _apply_moves
+# Test hook, "<point>:<dir>": the driver announces its pid in dir and waits to be killed, at
+# "staged" (predictions staged, rejects not yet) or "commit" (between the two moves).
+PAUSE_CONF = "spark.dl_pipeline.test.score_pause"
+
+
+def _pause_at(spark, point: str) -> None:
+    at, _, pause_dir = spark.conf.get(PAUSE_CONF, "").partition(":")
+    if at and at == point:
+        wait_to_be_killed(pause_dir)
 
 
 def _journal(out: str, date: str) -> str:
     return fsutil.join(out, "_runs", f"{date}.commit")
 
 
-def _apply_moves(spark, moves: list[list[str | None]], pause: str = "") -> None:
+def _apply_moves(spark, moves: list[list[str | None]], pause=lambda: None) -> None:
     """Each (src, dst): ``dst`` replaced by the directory ``src`` (a Hadoop rename), or deleted
     when src is None (no rows). Idempotent, so an interrupted commit can be run again: a src
     already moved is gone and its move is skipped."""
@@ -315,8 +323,8 @@ def _apply_moves(spark, moves: list[list[str | None]], pause: str = "") -> None:
         fs.mkdirs(target.getParent())
         if not fs.rename(path, target):
             raise PipelineError(f"could not move {src} to {dst}")
-        if pause and i == 0:  # test hook: the driver stops between the two partitions' moves
-            wait_to_be_killed(pause)
+        if i == 0:
+            pause()
 
 
 def _commit(spark, out: str, date: str, moves: list[list[str | None]]) -> None:
@@ -325,7 +333,7 @@ def _commit(spark, out: str, date: str, moves: list[list[str | None]]) -> None:
     (``_finish_interrupted_commit``) instead of leaving new predictions beside old rejects."""
     journal = _journal(out, date)
     fsutil.write_text_atomic(journal, json.dumps({"moves": moves}))
-    _apply_moves(spark, moves, spark.conf.get(COMMIT_PAUSE_CONF, ""))
+    _apply_moves(spark, moves, lambda: _pause_at(spark, "commit"))
     hadoop_delete(spark, journal)
 
 
@@ -435,6 +443,8 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
             for df, n, name, table in ((good, counts[True], "scores", out), (bad, counts[False], "rejects", fsutil.join(out, REJECTS_DIR))):
                 if n:
                     df.write.format(fmt).mode("overwrite").partitionBy("dt").save(fsutil.join(stage, name))
+                if name == "scores":
+                    _pause_at(spark, "staged")
                 moves.append([fsutil.join(stage, name, f"dt={date}") if n else None, fsutil.join(table, f"dt={date}")])
             _commit(spark, out, date, moves)
             hadoop_delete(spark, fsutil.join(out, STAGING_DIR, date))

@@ -525,10 +525,13 @@ def test_two_runs_of_one_date_do_not_interleave_and_a_dead_runs_lock_is_taken_ov
     assert score_batch(spark, run)["summary"]["scored"] == 7600 and not lock.exists()
 
 
-def test_a_driver_killed_during_the_commit_is_finished_by_the_next_run(spark, ag_model, tmp_path, caplog):
-    """A real SIGKILL of the scoring driver between moving the new predictions into place and
-    moving the new rejects: the journal it left makes the next run of the date finish that
-    commit first; staged files of the killed run are cleared."""
+@pytest.mark.parametrize("point", ["staged", "commit"])
+def test_a_driver_killed_while_writing_keeps_or_finishes_a_whole_result(spark, ag_model, tmp_path, caplog, point):
+    """A real SIGKILL of the scoring driver with the new predictions staged but not the rejects
+    ("staged"): the date keeps its previous result whole. Killed between moving the new
+    predictions into place and moving the new rejects ("commit"): the journal it left makes the
+    next run of the date finish that commit first. Either way the next run gives each row
+    once and clears the killed run's staged files."""
     import logging
     import signal
     import time
@@ -543,22 +546,27 @@ def test_a_driver_killed_during_the_commit_is_finished_by_the_next_run(spark, ag
     score_batch(spark, run)
     cmd = [sys.executable, "-m", "dl_pipeline.cli", "score", "--set", f"score.model_path={cfg.train.run_dir}/model",
            "--set", f"score.input_path={b}", "--set", f"score.output_path={out}", "--set", f"score.run_date={date}",
-           "--set", "spark.master=local[1]", "--set", f"spark.conf.spark.dl_pipeline.test.score_commit_pause_dir={pause}"]
+           "--set", "spark.master=local[1]", "--set", f"spark.conf.spark.dl_pipeline.test.score_pause={point}:{pause}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 300
     while not (pause.exists() and os.listdir(pause)) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    assert pause.exists() and [int(f) for f in os.listdir(pause)] == [proc.pid], "the commit never paused"
+    assert pause.exists() and [int(f) for f in os.listdir(pause)] == [proc.pid], "the run never paused"
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    # killed half-way: the new predictions are in place, the old rejects still are; the journal says what is left
-    assert len(_partition(out, date)) == 30 and len(pq.read_table(f"{out}/_rejects/dt={date}")) == 2
-    assert (out / "_runs" / f"{date}.commit").exists()
+    journal = out / "_runs" / f"{date}.commit"
+    if point == "staged":  # nothing moved: the previous result, whole
+        assert len(_partition(out, date)) == 20 and len(pq.read_table(f"{out}/_rejects/dt={date}")) == 2
+        assert not journal.exists() and (out / "_staging" / date).exists()
+    else:  # half-way: the new predictions are in place, the old rejects still are; the journal says what is left
+        assert len(_partition(out, date)) == 30 and len(pq.read_table(f"{out}/_rejects/dt={date}")) == 2
+        assert journal.exists()
 
     with caplog.at_level(logging.WARNING, logger="dl_pipeline.score"):
         summary = score_batch(spark, replace(run, score={"input_path": str(b)}))["summary"]
-    assert any("finished the commit of 2026-11-25" in r.getMessage() for r in caplog.records)
+    finished = any("finished the commit of 2026-11-25" in r.getMessage() for r in caplog.records)
+    assert finished == (point == "commit")
     assert (summary["scored"], summary["rejected"]) == (30, 3)
     assert len(_partition(out, date)) == 30 and len(pq.read_table(f"{out}/_rejects/dt={date}")) == 3
-    assert not (out / "_runs" / f"{date}.commit").exists() and not (out / "_staging" / date).exists()
+    assert not journal.exists() and not (out / "_staging" / date).exists()
     assert spark.read.parquet(str(out)).count() == 30
