@@ -112,7 +112,7 @@ def _ceiling_here(spec, threads: int, seconds: float = 8.0) -> dict:
                for b in held.epoch_batches(np.random.default_rng(stream_seed(spec.seed, 0, e)), spec.batch_size,
                                            spec.steps_per_epoch)]
     torch.manual_seed(spec.seed)
-    torch.set_num_threads(threads or _threads(Comm(False)))
+    torch.set_num_threads(threads or _threads(Comm()))
     model = build_model(spec.model_spec)
     optimizer = build_optimizer(spec, model)
     feed, lr = itertools.cycle(batches), schedule_of(spec)

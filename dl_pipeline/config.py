@@ -182,6 +182,7 @@ class TrainConfig:
     max_restarts: int = 0
     checkpoint_every_steps: int = 0
     steps_per_epoch: int = 0
+    reader: str = "auto"
     reader_workers: int = 1
     shuffle_buffer: int = 16384
     cache_mb: int = 1024
@@ -199,7 +200,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(not self.freeze or bool(self.init_from), "train.freeze needs train.init_from (a pre-trained bundle to keep fixed)")
         _require(self.body_lr_factor > 0, "train.body_lr_factor must be > 0 (the pre-trained body's LR = factor x LR)")
-        _one_of("train", "launcher", self.launcher, ("spark", "horovodrun", "local"))
+        _one_of("train", "launcher", self.launcher, ("spark", "horovodrun", "torch_distributor", "local"))
+        _one_of("train", "reader", self.reader, ("auto", "petastorm", "arrow"))
         _one_of("train", "mode", self.mode, ("sync", "hogwild"))
         _one_of("train", "optimizer", self.optimizer, ("auto", "sgd", "adam"))
         _one_of("train", "lr_schedule", self.lr_schedule, ("auto", "constant", "linear", "cosine"))

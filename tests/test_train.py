@@ -42,12 +42,15 @@ def _final_loss(run_dir):
     return json.load(open(os.path.join(run_dir, "metrics.json")))["val"]["loss"]
 
 
-def test_two_ranks_match_one_rank_with_same_global_batch(spark, ag_prepared, tmp_path):
+@pytest.mark.parametrize("launcher, reader", [("spark", "petastorm"), ("torch_distributor", "arrow")])
+def test_two_ranks_match_one_rank_with_same_global_batch(spark, ag_prepared, tmp_path, launcher, reader):
+    """Horovod (horovod.spark.run, Petastorm) and torch.distributed (TorchDistributor, pyarrow
+    reader): 2 ranks with half the batch each track 1 rank."""
     cfg, _ = ag_prepared
     common = {"epochs": 1, "steps_per_epoch": 60, "optimizer": "adam", "lr": 0.01,
               "scale_lr": False, "warmup_epochs": 0.0, "seed": 7}
     one = train_model(replace(cfg, train={**common, "launcher": "local", "batch_size": 64, "run_dir": str(tmp_path / "one")}))
-    two = train_model(replace(cfg, train={**common, "launcher": "spark", "num_proc": 2, "batch_size": 32,
+    two = train_model(replace(cfg, train={**common, "launcher": launcher, "reader": reader, "num_proc": 2, "batch_size": 32,
                                           "run_dir": str(tmp_path / "two")}), spark=spark)
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert one["global_step"] == two["global_step"] == 60
@@ -510,17 +513,19 @@ def test_lstm_trains_on_two_horovod_ranks_and_its_bundle_predicts_identically_el
     assert seq["seq"].tolist() == [[5, 6, 7], [9, 8, 0], [0, 0, 0]] and seq["seq_length"].tolist() == [3, 2, 1]
 
 
-def test_a_killed_rank_fails_the_job_fast_and_max_restarts_resumes_it(spark, small_uneven, tmp_path, monkeypatch, caplog):
-    """horovod.spark.run, 2 ranks: rank 1 SIGKILLs itself at step 30 (checkpoints at 25 and 40).
-    Without restarts the job fails within seconds naming the last checkpoint; with
-    train.max_restarts=1 the ranks are relaunched from it and the run completes."""
+@pytest.mark.parametrize("launcher, code", [("spark", 137), ("torch_distributor", -9)])
+def test_a_killed_rank_fails_the_job_fast_and_max_restarts_resumes_it(spark, small_uneven, tmp_path, monkeypatch, caplog,
+                                                                      launcher, code):
+    """horovod.spark.run or TorchDistributor, 2 ranks: rank 1 SIGKILLs itself at step 30
+    (checkpoints at 25 and 40). Without restarts the job fails within seconds naming the last
+    checkpoint; with train.max_restarts=1 the ranks are relaunched from it and the run completes."""
     from dl_pipeline.errors import PipelineError
 
     monkeypatch.setenv("DL_PIPELINE_FAIL_AT_STEP", "30")
-    base = {"launcher": "spark", "num_proc": 2, "epochs": 2, "steps_per_epoch": 40, "batch_size": 16,
+    base = {"launcher": launcher, "num_proc": 2, "epochs": 2, "steps_per_epoch": 40, "batch_size": 16,
             "checkpoint_every_steps": 25}
     t0 = time.monotonic()
-    with pytest.raises(PipelineError, match=r"training failed \(rank 1 died \(exit code 137: SIGKILL\)\); last checkpoint: "
+    with pytest.raises(PipelineError, match=rf"training failed \(rank 1 died \(exit code {code}: SIGKILL\)\); last checkpoint: "
                                             r"step 25 \(epoch 0\) in .*latest.safetensors; continue with --resume"):
         train_model(replace(small_uneven, train={**base, "run_dir": str(tmp_path / "once")}), spark=spark)
     assert time.monotonic() - t0 < 60
@@ -541,3 +546,26 @@ def test_a_killed_rank_under_horovodrun_is_named_in_one_line(small_uneven, tmp_p
     with pytest.raises(PipelineError, match=r"training failed \(rank 1 died \(exit code 137: SIGKILL\)\); last checkpoint: step 25"):
         train_model(cfg)
     assert time.monotonic() - t0 < 60
+
+
+def test_arrow_reader_deals_and_reads_the_row_groups_as_petastorm_does(small_uneven):
+    """The pyarrow reader (stacks without Petastorm) gives each of 2 shards the same row groups,
+    rows and arrays as Petastorm: a held shard is identical, and a shuffled pass holds the
+    same rows."""
+    import numpy as np
+
+    from dl_pipeline import dataset
+    from dl_pipeline.train.data import ResidentShard, row_groups
+
+    url = dataset.split_url(small_uneven.prepare.output_path, "train")
+    shapes = {"tokens": [256], "length": [], "label": []}
+    for shard in range(2):
+        a = ResidentShard.read(url, ("label", "tokens", "length"), shapes, shard, 2, reader="arrow")
+        p = ResidentShard.read(url, ("label", "tokens", "length"), shapes, shard, 2, reader="petastorm")
+        assert a.rows == p.rows > 0 and (a.ids == p.ids).all() and (a.length == p.length).all()
+        assert (a.columns["label"] == p.columns["label"]).all()
+        with row_groups(url, ["label", "length"], shapes, shard, 2, epochs=1, seed=3, shuffle=True, workers=1,
+                        reader="arrow") as groups:
+            shuffled = list(groups)
+        for col, held in (("label", a.columns["label"]), ("length", a.length)):
+            assert (np.sort(np.concatenate([g[col] for g in shuffled])) == np.sort(held)).all()

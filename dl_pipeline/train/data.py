@@ -39,23 +39,73 @@ PREFETCH_BATCHES = 4
 
 @contextlib.contextmanager
 def row_groups(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
-               epochs: int | None, seed: int, shuffle: bool, workers: int) -> Iterator[Iterator[dict[str, np.ndarray]]]:
-    """Petastorm ``make_batch_reader`` over the row groups ``shard`` of ``shards`` owns; yields an
-    iterator of {column: array [rows, *shape]}, one per row group. The reader is stopped on exit."""
+               epochs: int | None, seed: int, shuffle: bool, workers: int,
+               reader: str = "auto") -> Iterator[Iterator[dict[str, np.ndarray]]]:
+    """The row groups ``shard`` of ``shards`` owns, as an iterator of {column: array [rows,
+    *shape]}, one per row group; the reader is stopped on exit. ``reader``: ``petastorm``
+    (``make_batch_reader``), ``arrow`` (pyarrow alone, see _arrow_row_groups) or ``auto``
+    (Petastorm where installed). Both deal the row groups out the same way and hand back the
+    same arrays, so a held shard (ResidentShard) is the same whichever read it."""
+    if reader == "auto":
+        import importlib.util
+
+        reader = "petastorm" if importlib.util.find_spec("petastorm") is not None else "arrow"
+    if reader == "arrow":
+        yield _arrow_row_groups(url, list(columns), shapes, shard, shards, epochs=epochs, seed=seed, shuffle=shuffle)
+        return
     from petastorm import make_batch_reader
 
     columns = list(columns)
     with warnings.catch_warnings():
         # petastorm 0.12 opens the dataset with pyarrow's legacy ParquetDataset (deprecated in 14)
         warnings.simplefilter("ignore", FutureWarning)
-        reader = make_batch_reader(
+        petastorm_reader = make_batch_reader(
             url, schema_fields=columns, cur_shard=shard, shard_count=shards, num_epochs=epochs,
             shuffle_row_groups=shuffle, seed=seed, reader_pool_type="thread", workers_count=workers,
         )
-    if hasattr(reader, "_results_queue_reader"):  # petastorm 0.12.1, pinned in pyproject.toml
-        reader._results_queue_reader = _WholeColumns()
-    with reader:
-        yield ({c: _shaped(getattr(batch, c), shapes.get(c, [])) for c in columns} for batch in reader)
+    if hasattr(petastorm_reader, "_results_queue_reader"):  # petastorm 0.12.1, pinned in pyproject.toml
+        petastorm_reader._results_queue_reader = _WholeColumns()
+    with petastorm_reader:
+        yield ({c: _shaped(getattr(batch, c), shapes.get(c, [])) for c in columns} for batch in petastorm_reader)
+
+
+def shard_row_groups(url: str, shard: int, shards: int) -> list[tuple[str, int]]:
+    """(file, row group) pairs ``shard`` of ``shards`` owns: all of a split's row groups in file
+    order, dealt round-robin (what Petastorm's ``cur_shard``/``shard_count`` does)."""
+    import pyarrow.parquet as pq
+
+    from dl_pipeline import fsutil
+
+    fs, root = fsutil.fs_and_path(url)
+    files = sorted(p for p in fs.ls(root, detail=False)
+                   if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith((".", "_")))
+    pieces = []
+    for path in files:
+        with fs.open(path) as fh:
+            pieces += [(path, i) for i in range(pq.ParquetFile(fh).num_row_groups)]
+    if len(pieces) < shards:
+        raise ValueError(f"{url}: {len(pieces)} row groups for {shards} shards")
+    return pieces[shard::shards]
+
+
+def _arrow_row_groups(url: str, columns: list[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
+                      epochs: int | None, seed: int, shuffle: bool) -> Iterator[dict[str, np.ndarray]]:
+    """The shard's row groups read with pyarrow alone (no Petastorm): ``epochs`` passes (None:
+    endless), each in a seeded random order when ``shuffle``."""
+    import pyarrow.parquet as pq
+
+    from dl_pipeline import fsutil
+
+    fs, _ = fsutil.fs_and_path(url)
+    pieces = shard_row_groups(url, shard, shards)
+    rng = np.random.default_rng(seed)
+    for _ in itertools.count() if epochs is None else range(epochs):
+        order = rng.permutation(len(pieces)) if shuffle else range(len(pieces))
+        for k in order:
+            path, group = pieces[k]
+            with fs.open(path) as fh:
+                table = pq.ParquetFile(fh).read_row_group(group, columns=columns)
+            yield {c: _shaped(_column_values(table.column(c)), shapes.get(c, [])) for c in columns}
 
 
 class _WholeColumns:
@@ -193,10 +243,12 @@ class ResidentShard:
         self.columns = columns
 
     @classmethod
-    def read(cls, url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int) -> ResidentShard:
+    def read(cls, url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int,
+             reader: str = "auto") -> ResidentShard:
         """One ordered pass (one reader thread: row groups arrive in file order, so the held
         rows, and every batch drawn from them, are the same on every run)."""
-        with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=0, shuffle=False, workers=1) as groups:
+        with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=0, shuffle=False, workers=1,
+                        reader=reader) as groups:
             parts = list(groups)
         if not parts:
             raise ValueError(f"{url}: shard {shard} of {shards} has no rows")
@@ -299,7 +351,8 @@ class _Failure:
         self.exc = exc
 
 
-def preload(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int) -> Future:
+def preload(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int,
+            reader: str = "auto") -> Future:
     """Start reading a ResidentShard in a background thread; the Future's result is the shard.
     A rank starts it before its set-up (Horovod, model, resume), so the first step finds its
     data read: the read (~0.4 s for 10k AG News rows, mostly Petastorm's start-up) would
@@ -308,7 +361,7 @@ def preload(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shar
 
     def read() -> None:
         try:
-            future.set_result(ResidentShard.read(url, columns, shapes, shard, shards))
+            future.set_result(ResidentShard.read(url, columns, shapes, shard, shards, reader))
         except BaseException as exc:  # noqa: BLE001 - raised by the Future's result()
             future.set_exception(exc)
 
@@ -323,11 +376,11 @@ def stream_seed(seed: int, shard: int, epoch: int) -> int:
 
 def epoch_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
                   epoch: int, seed: int, batch_size: int, buffer_rows: int, workers: int, steps: int,
-                  skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  skip: int = 0, reader: str = "auto") -> Iterator[dict[str, np.ndarray]]:
     """Batches ``skip`` .. ``steps - 1`` of one epoch of ``shard``: an endless, seeded stream
     (a small shard wraps around) cut to the epoch's fixed step count; the reader stops after."""
     s = stream_seed(seed, shard, epoch)
-    passes = _passes(url, columns, shapes, shard, shards, seed=s, workers=workers)
+    passes = _passes(url, columns, shapes, shard, shards, seed=s, workers=workers, reader=reader)
     try:
         batches = shuffled_batches(passes, batch_size, buffer_rows, np.random.default_rng(s))
         for _ in range(skip):
@@ -339,7 +392,7 @@ def epoch_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]]
 
 
 def _passes(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
-            seed: int, workers: int) -> Iterator[dict[str, np.ndarray]]:
+            seed: int, workers: int, reader: str = "auto") -> Iterator[dict[str, np.ndarray]]:
     """Endless row groups of ``shard``: pass after pass, each pass its own reader
     (``num_epochs=1``) with its own seed. Not Petastorm's ``num_epochs=None``: its ventilator
     reshuffles the row-group order again whenever it waits for queue room at the start of a
@@ -347,7 +400,7 @@ def _passes(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shar
     timing, and a resumed run would not have equalled an uninterrupted one."""
     for p in itertools.count():
         with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=(seed + 7_919 * p) % (2**31 - 1),
-                        shuffle=True, workers=workers) as groups:
+                        shuffle=True, workers=workers, reader=reader) as groups:
             empty = True
             for group in groups:
                 empty = False
@@ -360,7 +413,8 @@ def _passes(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shar
 def train_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
                   first_epoch: int, epochs: int, steps_per_epoch: Callable[[int], int], seed: int, batch_size: int,
                   buffer_rows: int, workers: int, pin: bool = False, skip: int = 0,
-                  resident: bool | Future = False, background: bool = True) -> Iterator[Iterator[dict[str, Any]]]:
+                  resident: bool | Future = False, background: bool = True,
+                  reader: str = "auto") -> Iterator[Iterator[dict[str, Any]]]:
     """The training batches (tensors) of epochs ``first_epoch`` .. ``epochs - 1`` back to back,
     ``steps_per_epoch(epoch)`` of each, made in one background thread: the next epoch's reader
     opens and fills its shuffle pool while this epoch ends and the model is evaluated, so no
@@ -375,7 +429,7 @@ def train_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]]
         if isinstance(resident, Future):
             held = resident.result()
         else:
-            held = ResidentShard.read(url, columns, shapes, shard, shards) if resident else None
+            held = ResidentShard.read(url, columns, shapes, shard, shards, reader) if resident else None
         for epoch in range(first_epoch, epochs):
             steps, first = steps_per_epoch(epoch), skip if epoch == first_epoch else 0
             if held is not None:
@@ -383,7 +437,7 @@ def train_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]]
                 epoch_iter = held.epoch_batches(rng, batch_size, steps, skip=first)
             else:
                 epoch_iter = epoch_batches(url, columns, shapes, shard, shards, epoch=epoch, seed=seed, batch_size=batch_size,
-                                           buffer_rows=buffer_rows, workers=workers, steps=steps, skip=first)
+                                           buffer_rows=buffer_rows, workers=workers, steps=steps, skip=first, reader=reader)
             for batch in epoch_iter:
                 yield to_tensors(batch, pin, distinct=True)
 
@@ -397,7 +451,7 @@ def train_batches(url: str, columns: Iterable[str], shapes: dict[str, list[int]]
 @contextlib.contextmanager
 def eval_stream(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
                 batch_size: int, workers: int, pin: bool = False,
-                held: ResidentShard | None = None) -> Iterator[Iterator[dict[str, Any]]]:
+                held: ResidentShard | None = None, reader: str = "auto") -> Iterator[Iterator[dict[str, Any]]]:
     """One pass over ``shard`` of ``shards`` in order, as batches of tensors; from ``held``
     (the same shard, already in memory) when given."""
 
@@ -406,7 +460,8 @@ def eval_stream(url: str, columns: Iterable[str], shapes: dict[str, list[int]], 
             for batch in held.ordered_batches(batch_size):
                 yield to_tensors(batch, pin)
             return
-        with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=0, shuffle=False, workers=workers) as groups:
+        with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=0, shuffle=False, workers=workers,
+                        reader=reader) as groups:
             for batch in ordered_batches(groups, batch_size):
                 yield to_tensors(batch, pin)
 

@@ -21,6 +21,21 @@ from dl_pipeline.train.spec import RankSpec, columns_of
 log = logging.getLogger(__name__)
 
 
+COMM_OF = {"local": "none", "spark": "horovod", "horovodrun": "horovod", "torch_distributor": "torch"}
+
+
+def reader_for(choice: str) -> str:
+    """``train.reader``: ``auto`` is Petastorm where it is installed (the default stack), else
+    pyarrow alone (stacks Petastorm cannot run on: pyarrow >= 15, numpy 2)."""
+    import importlib.util
+
+    if choice != "auto":
+        if choice == "petastorm" and importlib.util.find_spec("petastorm") is None:
+            raise UserError("train.reader=petastorm but petastorm is not installed here; set train.reader=arrow (or auto)")
+        return choice
+    return "petastorm" if importlib.util.find_spec("petastorm") is not None else "arrow"
+
+
 def _world_size(cfg: Config, spark) -> int:
     if cfg.train.launcher == "local":
         return 1
@@ -134,7 +149,8 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
         mode=t.mode,
         hogwild_workers=cfg.hogwild.workers,
         hogwild_sync_every=cfg.hogwild.sync_every,
-        use_horovod=t.launcher != "local",
+        comm=COMM_OF[t.launcher],
+        reader=reader_for(t.reader),
         fp16_allreduce=cfg.horovod.fp16_allreduce,
         world_size=world_size,
         mlflow_tracking_uri=t.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
@@ -179,7 +195,7 @@ def train_model(cfg: Config, spark=None) -> dict[str, Any]:
     from dl_pipeline.spark import get_spark
     from dl_pipeline.train import checkpoint
 
-    if cfg.train.launcher == "spark" and spark is None:
+    if cfg.train.launcher in ("spark", "torch_distributor") and spark is None:
         spark = get_spark(cfg.spark)
     n = _world_size(cfg, spark)
     spec = rank_spec(cfg, n)

@@ -30,12 +30,18 @@ log = logging.getLogger("dl_pipeline.train")
 def _device(choice: str, comm):
     import torch
 
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+    if _wants_cuda(choice):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but no CUDA device is visible on this executor")
         torch.cuda.set_device(comm.local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _wants_cuda(choice: str) -> bool:
+    import torch
+
+    return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
 
 
 def _threads(comm) -> int:
@@ -65,7 +71,7 @@ class SyncSteps:
             f"{s.data_url}/train", s.columns, s.shapes, c.rank, c.size, first_epoch=first_epoch, epochs=s.epochs,
             steps_per_epoch=lambda _: s.steps_per_epoch, seed=s.seed, batch_size=s.batch_size,
             buffer_rows=s.shuffle_buffer, workers=s.reader_workers, pin=self.device.type == "cuda", skip=skip,
-            resident=held if held is not None else s.resident,
+            resident=held if held is not None else s.resident, reader=s.reader,
         ))
 
     def run(self, epoch: int, first_step: int, steps: int, on_step) -> dict[str, Any]:
@@ -89,10 +95,10 @@ def evaluate_split(spec: RankSpec, split: str, model, comm, device, held: dict |
 
     url = f"{spec.data_url}/{split}"
     if held is not None and spec.resident and split == "val" and split not in held:
-        held[split] = ResidentShard.read(url, spec.columns, spec.shapes, comm.rank, comm.size)
+        held[split] = ResidentShard.read(url, spec.columns, spec.shapes, comm.rank, comm.size, spec.reader)
     with eval_stream(url, spec.columns, spec.shapes, comm.rank, comm.size, batch_size=max(256, spec.batch_size),
                      workers=spec.reader_workers, pin=device.type == "cuda",
-                     held=(held or {}).get(split)) as batches:
+                     held=(held or {}).get(split), reader=spec.reader) as batches:
         sums = evaluate(model, batches, spec.num_classes, device)
     sums = {k: comm.allreduce_sum(v, f"eval.{split}.{k}") for k, v in sums.items()}
     return summarize_eval(sums), sums["confusion"]
@@ -140,21 +146,21 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
     from dl_pipeline.logs import quiet_libraries
     from dl_pipeline.models import build_model
     from dl_pipeline.train import checkpoint
-    from dl_pipeline.train.comm import Comm
+    from dl_pipeline.train.comm import open_comm
     from dl_pipeline.train.loop import NonFiniteLoss
     from dl_pipeline.train.outputs import MetricsLog
 
     t_start = time.perf_counter()
     # Petastorm pulls in pandas (~0.6 s of imports): done while Horovod starts and the model is
     # built, not inside the first step's wait for data.
-    warm = threading.Thread(target=importlib.import_module, args=("petastorm",), daemon=True)
-    warm.start()
-    comm = Comm(spec.use_horovod)
+    if spec.reader == "petastorm":
+        threading.Thread(target=importlib.import_module, args=("petastorm",), daemon=True).start()
+    comm = open_comm(spec.comm, cuda=_wants_cuda(spec.device))
     held_train = None
     if spec.resident and spec.mode == "sync":  # Hogwild workers read their own sub-shards
         from dl_pipeline.train.data import preload
 
-        held_train = preload(f"{spec.data_url}/train", spec.columns, spec.shapes, comm.rank, comm.size)
+        held_train = preload(f"{spec.data_url}/train", spec.columns, spec.shapes, comm.rank, comm.size, spec.reader)
     if comm.is_root:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s rank0: %(message)s", stream=sys.stderr)
     quiet_libraries()
@@ -201,7 +207,7 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
             try:
                 stats = stepper.run(epoch, state["global_step"], (epoch + 1) * steps - state["global_step"], on_step)
             except NonFiniteLoss as exc:
-                if not comm.hvd and spec.mode == "sync":
+                if not comm.distributed and spec.mode == "sync":
                     raise UserError(str(exc)) from None
                 raise RuntimeError(str(exc)) from None
             state["global_step"] = (epoch + 1) * steps
@@ -210,7 +216,10 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
                 break
     finally:
         stepper.close()
-    return _finish(spec, model, comm, device, state, {**clock, "t_start": t_start}, held)
+    try:
+        return _finish(spec, model, comm, device, state, {**clock, "t_start": t_start}, held)
+    finally:
+        comm.close()
 
 
 def _end_of_epoch(spec: RankSpec, model, optimizer, comm, device, state: dict, stats: dict, metrics_log,

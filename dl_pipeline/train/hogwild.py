@@ -61,7 +61,7 @@ def _worker(w: int, rank: int, size: int, spec, model, first_epoch: int, skip: i
     with train_batches(f"{spec.data_url}/train", spec.columns, spec.shapes, shard, size * workers,
                        first_epoch=first_epoch, epochs=spec.epochs, steps_per_epoch=per_epoch, seed=spec.seed,
                        batch_size=spec.batch_size, buffer_rows=spec.shuffle_buffer, workers=spec.reader_workers,
-                       skip=skipped, resident=spec.resident,
+                       skip=skipped, resident=spec.resident, reader=spec.reader,
                        background=(os.cpu_count() or 1) > workers * local_size) as batches:
         while True:
             try:

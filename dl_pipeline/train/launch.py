@@ -2,6 +2,8 @@
 
   * ``spark``      ``horovod.spark.run`` runs one rank per Spark task (Gloo on CPU, NCCL on GPU);
   * ``horovodrun`` ``horovodrun --gloo -np N -H ...`` on plain hosts;
+  * ``torch_distributor`` pyspark's TorchDistributor: torch.distributed ranks (Gloo on CPU, NCCL
+    on GPU) as Spark barrier tasks, for runtimes without Horovod (Spark 4, Databricks 16.4+);
   * ``local``      one in-process rank, no Horovod (debugging, and the 1-rank benchmark).
 """
 
@@ -106,4 +108,75 @@ def launch_horovodrun(spec: RankSpec, cfg: Config, n: int, spark) -> dict[str, A
             return json.load(fh)
 
 
-LAUNCHERS = {"local": launch_local, "spark": launch_spark, "horovodrun": launch_horovodrun}
+
+
+
+def _torch_rank(spec: RankSpec) -> dict[str, Any] | None:
+    """What each TorchDistributor process runs (pickled by reference: this module's function)."""
+    from dl_pipeline.train.epochs import run_rank
+
+    return run_rank(spec)
+
+
+def launch_torch_distributor(spec: RankSpec, cfg: Config, n: int, spark) -> dict[str, Any]:
+    """``pyspark.ml.torch.distributor.TorchDistributor`` runs ``n`` ranks with torch.distributed
+    (Gloo on CPU, NCCL on GPU): as Spark barrier tasks on a cluster, as local processes under a
+    ``local[...]`` master. Rank 0's metrics come back; a failed rank fails the run with one line."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    master = spark.sparkContext.master
+    local_mode = master == "local" or master.startswith("local[")
+    use_gpu = spec.device == "cuda"
+    with _quiet_job_cancellation(), _output_tail() as tail:
+        try:
+            return TorchDistributor(num_processes=n, local_mode=local_mode, use_gpu=use_gpu).run(_torch_rank, spec)
+        except Exception as exc:
+            # local mode prints torchrun's report (which rank died, how) and raises a generic
+            # error; a barrier task's error carries that report in its message
+            raise RuntimeError(_torch_failure(str(exc) + "\n" + "".join(tail))) from exc
+
+
+@contextlib.contextmanager
+def _output_tail(lines: int = 200):
+    """Pass this process's stdout and stderr through as they are written, and keep their last
+    ``lines`` lines (TorchDistributor prints its ranks' output there: local mode to stdout, the
+    barrier tasks' streamed logs to stderr)."""
+    tail: collections.deque[str] = collections.deque(maxlen=lines)
+
+    class Tee:
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, text: str) -> int:
+            tail.extend(text.splitlines(keepends=True))
+            return self.real.write(text)
+
+        def __getattr__(self, name: str):
+            return getattr(self.real, name)
+
+    real = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Tee(real[0]), Tee(real[1])
+    try:
+        yield tail
+    finally:
+        sys.stdout, sys.stderr = real
+
+
+def _torch_failure(message: str) -> str:
+    """TorchDistributor's errors -> one line: from torchrun's report, the root cause's "rank : 1
+    (local_rank: 1) ... exitcode : -9" as "rank 1 died (exit code -9: SIGKILL)"; else the
+    message's first line."""
+    import re
+    import signal
+
+    root = message[message.find("Root Cause"):] if "Root Cause" in message else message
+    m = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", root, re.S)
+    if m:
+        code = int(m.group(2))
+        sig = -code if code < 0 else code - 128 if code > 128 else 0
+        name = f": {signal.Signals(sig).name}" if sig in signal.valid_signals() else ""
+        return f"rank {m.group(1)} died (exit code {code}{name})"
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[0] if lines else "TorchDistributor failed"
+LAUNCHERS = {"local": launch_local, "spark": launch_spark, "horovodrun": launch_horovodrun,
+             "torch_distributor": launch_torch_distributor}

@@ -53,7 +53,8 @@ class RankSpec:
     log_every_steps: int = 50
     progress: bool = True  # wanted by the user; shown only where the rank's stderr is a TTY
     resume: bool = False
-    # reading
+    # reading: petastorm (make_batch_reader) | arrow (pyarrow alone, for stacks without Petastorm)
+    reader: str = "petastorm"
     reader_workers: int = 1
     shuffle_buffer: int = 16384
     resident: bool = False  # each reader holds its train and val shards in memory (data.ResidentShard)
@@ -62,7 +63,7 @@ class RankSpec:
     mode: str = "sync"
     hogwild_workers: int = 2
     hogwild_sync_every: int = 50
-    use_horovod: bool = False
+    comm: str = "none"  # none (one process) | horovod | torch (torch.distributed): comm.open_comm
     fp16_allreduce: bool = False
     world_size: int = 1
     # outputs
@@ -84,6 +85,8 @@ class RankSpec:
             (self.peak_lr > 0 and self.base_lr > 0, "learning rates must be > 0"),
             (self.warmup_steps >= 0 and self.log_every_steps >= 1, "warmup_steps >= 0 and log_every_steps >= 1"),
             (self.mode in ("sync", "hogwild"), f"mode {self.mode!r}: sync or hogwild"),
+            (self.comm in ("none", "horovod", "torch"), f"comm {self.comm!r}: none, horovod or torch"),
+            (self.reader in ("petastorm", "arrow"), f"reader {self.reader!r}: petastorm or arrow"),
             (self.hogwild_workers >= 1 and self.hogwild_sync_every >= 1, "hogwild workers and sync_every must be >= 1"),
             (self.world_size >= 1 and self.reader_workers >= 1, "world_size and reader_workers must be >= 1"),
         ]
