@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# make setup STACK=spark4: the Spark 4 stack in .venv-spark4 (make test sets up both)
+STACK ?= default
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON ?= $(abspath $(PY))
@@ -10,13 +12,13 @@ export PYTHONHASHSEED ?= 0
 .PHONY: setup demo test test-fast lint dist bench clean
 
 setup:
-	@bash scripts/setup.sh
+	@STACK=$(STACK) bash scripts/setup.sh
 
 demo: setup
 	@bash scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest -q -ra
+	@bash scripts/test.sh
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"

@@ -11,6 +11,10 @@ Figures (one JSON document on stdout; see bench/README.md):
   through the whole data path (ratio to the ceiling), data wait, test accuracy, peak RSS,
   wall time and its start-up share (process start to the first step);
 - ``two_horovod_ranks`` (``horovod.spark.run`` on local[2]) and ``hogwild_two_workers``;
+- ``launchers``: 2 Horovod ranks (``horovod.spark.run``, Petastorm) against 2 torch.distributed
+  ranks (``train.launcher=torch_distributor``, the pyarrow reader) on the same data, model,
+  seed and global batch, run back to back ``--launcher-repeats`` times: samples/s ratio and
+  test accuracy difference (``--launchers-only`` runs just this part);
 - ``reader``: rows/s into tensors for the columnar path (``make_batch_reader``, shuffled
   batches) and for the row path it replaced (``make_reader`` over NdarrayCodec blobs, one
   ``np.stack`` per batch), on the same rows written both ways;
@@ -195,12 +199,35 @@ def reader_rates(spark, spec, workdir: str, workers: int = 2) -> dict:
                     "make the training inputs (real ids, offsets, distinct ids); the row path stacks padded rows only"}
 
 
+def launchers(spark, cfg, runs: str, repeats: int) -> dict:
+    """Horovod vs TorchDistributor, 2 ranks each, alternating (the machine's noise hits both)."""
+    rows = {"horovod": [], "torch_distributor": []}
+    for i in range(repeats):
+        for launcher, reader in (("spark", "petastorm"), ("torch_distributor", "arrow")):
+            m = train_model(replace(cfg, train={"launcher": launcher, "reader": reader, "num_proc": 2,
+                                                "run_dir": f"{runs}/{launcher}-{i}"}), spark=spark)
+            rows["horovod" if launcher == "spark" else "torch_distributor"].append(_summary(m))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    h = med([r["samples_per_s_after_epoch_1"] for r in rows["horovod"]])
+    t = med([r["samples_per_s_after_epoch_1"] for r in rows["torch_distributor"]])
+    return {
+        "runs": rows,
+        "median_samples_per_s_after_epoch_1": {"horovod": h, "torch_distributor": t},
+        "torch_distributor_over_horovod": round(t / h, 3),
+        "test_accuracy_points": [round(100 * (b["test_accuracy"] - a["test_accuracy"]), 2)
+                                 for a, b in zip(rows["horovod"], rows["torch_distributor"], strict=True)],
+        "target": "samples/s within 10% (ratio 0.9-1.1), test accuracy within 0.5 pt, same seed",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dlp-train-bench"))
     ap.add_argument("--ceiling", help=argparse.SUPPRESS)  # internal: a RankSpec JSON; prints _ceiling_here's figures
     ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--launchers-only", action="store_true", help="only Horovod vs TorchDistributor, 2 ranks each")
+    ap.add_argument("--launcher-repeats", type=int, default=3)
     args = ap.parse_args()
     if args.ceiling:
         from dl_pipeline.train.spec import RankSpec
@@ -221,6 +248,11 @@ def main() -> None:
         prepare_dataset(spark, cfg)
     spec = rank_spec(cfg, 1)
     runs = f"{args.workdir}/runs"
+    if args.launchers_only:
+        emit({"benchmark": "train_launchers", "machine": machine(), "epochs": args.epochs,
+              "data": "AG News sample (9.9k train rows) -> its full test file (7,600)", "global_batch": 2 * BATCH,
+              "launchers": launchers(spark, cfg, runs, args.launcher_repeats)})
+        return
     results = {"ceiling": ceiling(spec, args.workdir), "ceiling_one_thread": ceiling(spec, args.workdir, threads=1)}
     results["one_rank"] = cli_train(data, f"{runs}/one", args.epochs)
     results["one_rank"]["ratio_to_ceiling"] = round(
@@ -233,6 +265,7 @@ def main() -> None:
                                                "--set", "hogwild.workers=2")
     two = train_model(replace(cfg, train={"launcher": "spark", "num_proc": 2, "run_dir": f"{runs}/two"}), spark=spark)
     results["two_horovod_ranks"] = _summary(two)
+    results["launchers"] = launchers(spark, cfg, runs, args.launcher_repeats)
     results["reader"] = reader_rates(spark, spec, args.workdir)
     results["fasttext"] = fasttext_peer(spark, cfg, args.workdir, args.epochs)
     one, hog, ft = results["one_rank"], results["hogwild_two_workers"], results["fasttext"]

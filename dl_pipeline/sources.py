@@ -256,8 +256,18 @@ def read_lines(spark, url: str):
     lines = _with_row_numbers(spark, spark.read.text(url))
     # The text source passes invalid UTF-8 through as-is (Arrow then refuses it); decoding in the
     # JVM turns bad bytes into U+FFFD, which clean_content rejects or keeps per data.invalid_utf8.
-    lines = lines.withColumn("value", F.decode(F.col("value").cast("binary"), "UTF-8"))
+    lines = lines.withColumn("value", valid_utf8(F.col("value")))
     return lines.filter(~blank_line(F.col("value"))).select("source_file", "row_number", F.col("value").alias("raw"))
+
+
+def valid_utf8(value):
+    """A Column: ``value`` with each invalid UTF-8 sequence replaced by U+FFFD. Spark 4 has
+    ``make_valid_utf8`` (and its ``decode`` raises on bad bytes); Spark 3.5's ``decode`` replaces."""
+    from pyspark.sql import functions as F
+
+    if hasattr(F, "make_valid_utf8"):
+        return F.make_valid_utf8(value)
+    return F.decode(value.cast("binary"), "UTF-8")
 
 
 def blank_line(value):

@@ -3,6 +3,7 @@ small model trained on it once. Everything is real: Spark, Petastorm files, Horo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -16,6 +17,14 @@ SAMPLE = os.path.join(ROOT, "data", "sample")
 AG_TRAIN = os.path.join(SAMPLE, "ag_news", "train.csv.gz")
 AG_TEST = os.path.join(SAMPLE, "ag_news", "test.csv.gz")
 DEMO_CONF = os.path.join(ROOT, "conf", "demo.yaml")
+
+
+HAS_HOROVOD = importlib.util.find_spec("horovod") is not None
+HAS_PETASTORM = importlib.util.find_spec("petastorm") is not None
+requires_horovod = pytest.mark.skipif(not HAS_HOROVOD, reason="no Horovod on this stack (spark4 trains with torch_distributor)")
+requires_petastorm = pytest.mark.skipif(not HAS_PETASTORM, reason="no Petastorm on this stack (spark4 reads with pyarrow)")
+# The multi-rank launcher on Spark: Horovod where it is installed, else TorchDistributor.
+SPARK_LAUNCHER = "spark" if HAS_HOROVOD else "torch_distributor"
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def test_defaults_and_yaml_diff_and_overrides(tmp_path):
         (["nosuch.key=1"], "unknown section 'nosuch'"),
         (["train.epochs"], "expected section.key=value"),
         (["train.epochs=-1"], "train.epochs must be >= 0"),
-        (["train.launcher=mpi"], "train.launcher='mpi': must be one of spark, horovodrun, local"),
+        (["train.launcher=mpi"], "train.launcher='mpi': must be one of spark, horovodrun, torch_distributor, local"),
         (["train.resume=maybe"], "train.resume: expected bool"),
         (["shard.val_fraction=0.6", "shard.test_fraction=0.5"], "shard.val_fraction + shard.test_fraction must be < 1"),
         (["shard.row_group_mb=4096"], "shard.row_group_mb must be in 1..1024"),

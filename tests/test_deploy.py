@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import AG_TEST, AG_TRAIN, ROOT, shard_digests
+from conftest import AG_TEST, AG_TRAIN, ROOT, SPARK_LAUNCHER, shard_digests
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.py")))
 
@@ -71,7 +71,8 @@ def test_notebooks_are_databricks_source_format(path):
 def test_every_notebook_runs_end_to_end(spark, tmp_path, monkeypatch):
     common = [f"data.train_path={AG_TRAIN}", f"data.test_path={AG_TEST}", f"prepare.output_path={tmp_path}/prepared",
               f"train.data_path={tmp_path}/prepared", f"train.run_dir={tmp_path}/run", "shard.max_workers=2",
-              "train.epochs=1", "train.num_proc=2", "train.progress=false", f"score.model_path={tmp_path}/run/model",
+              "train.epochs=1", "train.num_proc=2", f"train.launcher={SPARK_LAUNCHER}", "train.progress=false",
+              f"score.model_path={tmp_path}/run/model",
               f"score.output_path={tmp_path}/scores"]
     monkeypatch.chdir(os.path.join(ROOT, "notebooks"))  # as Databricks Repos runs them
     for name, date in (("01_prepare.py", ""), ("02_train.py", ""), ("03_score.py", "2026-11-01"), ("00_quickstart.py", "2026-11-02")):
@@ -149,7 +150,8 @@ def test_spark_submit_on_standalone_cluster(standalone_cluster, ag_prepared, tmp
     common = ["--set", f"data.train_path={AG_TRAIN}", "--set", f"data.test_path={AG_TEST}",
               "--set", f"prepare.output_path={tmp_path}/prepared", "--set", f"train.data_path={tmp_path}/prepared",
               "--set", f"train.run_dir={tmp_path}/run", "--set", "shard.max_workers=2", "--set", "train.epochs=1",
-              "--set", "train.num_proc=2", "--set", "horovod.nics=[lo]", "--set", "train.progress=false",
+              "--set", "train.num_proc=2", "--set", "horovod.nics=[lo]", "--set", f"train.launcher={SPARK_LAUNCHER}",
+              "--set", "train.progress=false",
               "--set", f"score.model_path={tmp_path}/run/model", "--set", f"score.input_path={AG_TEST}",
               "--set", f"score.output_path={tmp_path}/scores"]
 

@@ -5,6 +5,10 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import requires_horovod
+
+pytestmark = requires_horovod
+
 
 def test_horovod_spark_run_two_ranks_agree(spark):
     import horovod.spark

@@ -44,8 +44,8 @@ def row_groups(url: str, columns: Iterable[str], shapes: dict[str, list[int]], s
     """The row groups ``shard`` of ``shards`` owns, as an iterator of {column: array [rows,
     *shape]}, one per row group; the reader is stopped on exit. ``reader``: ``petastorm``
     (``make_batch_reader``), ``arrow`` (pyarrow alone, see _arrow_row_groups) or ``auto``
-    (Petastorm where installed). Both deal the row groups out the same way and hand back the
-    same arrays, so a held shard (ResidentShard) is the same whichever read it."""
+    (Petastorm where installed). Both deal out the same row groups in the same order and hand
+    back the same arrays, so training is the same whichever reads (with one reader thread)."""
     if reader == "auto":
         import importlib.util
 
@@ -69,9 +69,13 @@ def row_groups(url: str, columns: Iterable[str], shapes: dict[str, list[int]], s
         yield ({c: _shaped(getattr(batch, c), shapes.get(c, [])) for c in columns} for batch in petastorm_reader)
 
 
-def shard_row_groups(url: str, shard: int, shards: int) -> list[tuple[str, int]]:
-    """(file, row group) pairs ``shard`` of ``shards`` owns: all of a split's row groups in file
-    order, dealt round-robin (what Petastorm's ``cur_shard``/``shard_count`` does)."""
+def shard_row_groups(url: str, shard: int, shards: int, seed: int) -> list[tuple[str, int]]:
+    """(file, row group) pairs ``shard`` of ``shards`` owns, in the order Petastorm 0.12.1's
+    ``make_batch_reader(seed=seed, cur_shard=shard, shard_count=shards)`` reads them: the
+    split's row groups numbered in file order, the numbers shuffled by ``random.Random(seed)``,
+    and those with ``number % shards == shard`` kept in that order."""
+    import random
+
     import pyarrow.parquet as pq
 
     from dl_pipeline import fsutil
@@ -85,24 +89,27 @@ def shard_row_groups(url: str, shard: int, shards: int) -> list[tuple[str, int]]
             pieces += [(path, i) for i in range(pq.ParquetFile(fh).num_row_groups)]
     if len(pieces) < shards:
         raise ValueError(f"{url}: {len(pieces)} row groups for {shards} shards")
-    return pieces[shard::shards]
+    numbers = list(range(len(pieces)))
+    random.Random(seed).shuffle(numbers)
+    return [pieces[i] for i in numbers if i % shards == shard]
 
 
 def _arrow_row_groups(url: str, columns: list[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
                       epochs: int | None, seed: int, shuffle: bool) -> Iterator[dict[str, np.ndarray]]:
-    """The shard's row groups read with pyarrow alone (no Petastorm): ``epochs`` passes (None:
-    endless), each in a seeded random order when ``shuffle``."""
+    """The shard's row groups read with pyarrow alone (no Petastorm), in Petastorm's order:
+    ``epochs`` passes (None: endless), each pass's order shuffled in place by one
+    ``np.random.RandomState(seed)`` when ``shuffle`` (its ventilator's rule)."""
     import pyarrow.parquet as pq
 
     from dl_pipeline import fsutil
 
     fs, _ = fsutil.fs_and_path(url)
-    pieces = shard_row_groups(url, shard, shards)
-    rng = np.random.default_rng(seed)
+    pieces = shard_row_groups(url, shard, shards, seed)
+    state = np.random.RandomState(seed)
     for _ in itertools.count() if epochs is None else range(epochs):
-        order = rng.permutation(len(pieces)) if shuffle else range(len(pieces))
-        for k in order:
-            path, group = pieces[k]
+        if shuffle:
+            state.shuffle(pieces)
+        for path, group in pieces:
             with fs.open(path) as fh:
                 table = pq.ParquetFile(fh).read_row_group(group, columns=columns)
             yield {c: _shaped(_column_values(table.column(c)), shapes.get(c, [])) for c in columns}
@@ -217,7 +224,7 @@ def to_tensors(batch: dict[str, np.ndarray], pin: bool = False, distinct: bool =
 
 class ResidentShard:
     """One reader's shard of a split, read once through Petastorm and then held in memory as
-    whole arrays, in the shard's canonical order (row groups in file order).
+    whole arrays, in the order the reader hands out its row groups (seeded: the same on every run).
 
     Why: on a small machine the data thread's CPU comes out of the cores the step uses. Per row
     (AG News sample, 2 cores): a Petastorm pass costs ~5.7 us, the padded ``tokens`` gather and
@@ -245,7 +252,7 @@ class ResidentShard:
     @classmethod
     def read(cls, url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int,
              reader: str = "auto") -> ResidentShard:
-        """One ordered pass (one reader thread: row groups arrive in file order, so the held
+        """One ordered pass (one reader thread: row groups arrive in a seeded order, so the held
         rows, and every batch drawn from them, are the same on every run)."""
         with row_groups(url, columns, shapes, shard, shards, epochs=1, seed=0, shuffle=False, workers=1,
                         reader=reader) as groups:

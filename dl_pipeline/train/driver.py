@@ -36,6 +36,15 @@ def reader_for(choice: str) -> str:
     return "petastorm" if importlib.util.find_spec("petastorm") is not None else "arrow"
 
 
+def check_launcher(launcher: str) -> None:
+    """A launcher whose library is missing on this stack: one line naming the one that works."""
+    import importlib.util
+
+    if COMM_OF[launcher] == "horovod" and importlib.util.find_spec("horovod") is None:
+        raise UserError(f"train.launcher={launcher} needs Horovod, which is not installed here (Spark 4 / Databricks 16.4+ "
+                        "runtimes have none); set train.launcher=torch_distributor")
+
+
 def _world_size(cfg: Config, spark) -> int:
     if cfg.train.launcher == "local":
         return 1
@@ -195,6 +204,7 @@ def train_model(cfg: Config, spark=None) -> dict[str, Any]:
     from dl_pipeline.spark import get_spark
     from dl_pipeline.train import checkpoint
 
+    check_launcher(cfg.train.launcher)
     if cfg.train.launcher in ("spark", "torch_distributor") and spark is None:
         spark = get_spark(cfg.spark)
     n = _world_size(cfg, spark)
