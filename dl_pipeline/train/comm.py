@@ -50,8 +50,10 @@ class Comm:
     def distributed_optimizer(self, optimizer, model, fp16: bool):
         return optimizer
 
-    def close(self) -> None:
-        pass
+    def conclude(self, result):
+        """The rank's return value at the end of training (``result``: rank 0's metrics, None
+        elsewhere); the communication is closed after it."""
+        return result
 
 
 class HorovodComm(Comm):
@@ -158,9 +160,14 @@ class TorchComm(Comm):
     def distributed_optimizer(self, optimizer, model, fp16: bool):
         return AveragedGradients(optimizer, [p for p in model.parameters() if p.requires_grad], self, fp16)
 
-    def close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
+    def conclude(self, result):
+        """Every rank returns rank 0's result: TorchDistributor has each rank write its return
+        value to the same file and hands back whichever landed last. The ranks then leave
+        together (a rank tearing its process group down while another still used it aborted)."""
+        result = self.broadcast_object(result, "result")
+        self.dist.barrier()
+        self.dist.destroy_process_group()
+        return result
 
 
 class AveragedGradients:

@@ -216,10 +216,7 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
                 break
     finally:
         stepper.close()
-    try:
-        return _finish(spec, model, comm, device, state, {**clock, "t_start": t_start}, held)
-    finally:
-        comm.close()
+    return comm.conclude(_finish(spec, model, comm, device, state, {**clock, "t_start": t_start}, held))
 
 
 def _end_of_epoch(spec: RankSpec, model, optimizer, comm, device, state: dict, stats: dict, metrics_log,

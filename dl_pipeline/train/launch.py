@@ -129,7 +129,10 @@ def launch_torch_distributor(spec: RankSpec, cfg: Config, n: int, spark) -> dict
     use_gpu = spec.device == "cuda"
     with _quiet_job_cancellation(), _output_tail() as tail:
         try:
-            return TorchDistributor(num_processes=n, local_mode=local_mode, use_gpu=use_gpu).run(_torch_rank, spec)
+            result = TorchDistributor(num_processes=n, local_mode=local_mode, use_gpu=use_gpu).run(_torch_rank, spec)
+            if result is None:  # a rank failed after rank 0's result was written (seen: an abort at exit)
+                raise RuntimeError("a rank failed at the end of training")
+            return result
         except Exception as exc:
             # local mode prints torchrun's report (which rank died, how) and raises a generic
             # error; a barrier task's error carries that report in its message
@@ -138,9 +141,10 @@ def launch_torch_distributor(spec: RankSpec, cfg: Config, n: int, spark) -> dict
 
 @contextlib.contextmanager
 def _output_tail(lines: int = 200):
-    """Pass this process's stdout and stderr through as they are written, and keep their last
-    ``lines`` lines (TorchDistributor prints its ranks' output there: local mode to stdout, the
-    barrier tasks' streamed logs to stderr)."""
+    """Keep the last ``lines`` lines written to this process's stdout and stderr, passing both
+    on to stderr (TorchDistributor prints its ranks' output there: local mode to stdout, the
+    barrier tasks' streamed logs to stderr; stdout stays for results, as with the other
+    launchers)."""
     tail: collections.deque[str] = collections.deque(maxlen=lines)
 
     class Tee:
@@ -155,7 +159,7 @@ def _output_tail(lines: int = 200):
             return getattr(self.real, name)
 
     real = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = Tee(real[0]), Tee(real[1])
+    sys.stdout, sys.stderr = Tee(real[1]), Tee(real[1])
     try:
         yield tail
     finally:
