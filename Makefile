@@ -18,7 +18,7 @@ demo: setup
 	@bash scripts/demo.sh
 
 test: setup
-	@bash scripts/test.sh
+	@VENV=$(VENV) bash scripts/test.sh
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow"

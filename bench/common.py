@@ -133,6 +133,8 @@ def fasttext_peer(spark, cfg, workdir: str, epochs: int = 10) -> dict:
     import pyarrow.parquet as pq
     from pyspark.sql import functions as F
 
+    from dl_pipeline import fsutil
+    from dl_pipeline.dataset import split_url
     from dl_pipeline.features import tokenize
     from dl_pipeline.prepare import _label_map, clean_content, parse_labels
     from dl_pipeline.sources import read_raw
@@ -146,7 +148,7 @@ def fasttext_peer(spark, cfg, workdir: str, epochs: int = 10) -> dict:
     files, rows = {}, {}
     for split in ("train", "test"):
         # our row order: fastText reads its file in order, we shuffle; give it our shards' (already shuffled) order
-        t = pq.read_table(os.path.join(out, split), columns=["row_id", "label"])
+        t = pq.read_table(fsutil.local_path(split_url(out, split)), columns=["row_id", "label"])
         files[split] = os.path.join(workdir, f"fasttext_{split}.txt")
         with open(files[split], "w") as fh:
             for rid, label in zip(t["row_id"].to_pylist(), t["label"].to_pylist(), strict=True):

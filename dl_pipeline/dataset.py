@@ -88,7 +88,7 @@ def read_manifest(path: str) -> dict[str, Any]:
             f"{path}: no {MANIFEST} here; point train.data_path at a directory written by `dl-pipeline prepare`"
         )
     manifest = json.loads(fsutil.read_text(url))
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in READABLE:
         raise UserError(
             f"{path}/{MANIFEST}: format {manifest.get('format')!r}, this version reads {FORMAT!r} "
             "(typed Parquet columns); re-run `dl-pipeline prepare` to rewrite the dataset"
@@ -96,8 +96,10 @@ def read_manifest(path: str) -> dict[str, Any]:
     return manifest
 
 
-# /2: typed list columns (no Petastorm Unischema, no NdarrayCodec blobs).
-FORMAT = "dl_pipeline.prepared/2"
+# /2: typed list columns (no Petastorm Unischema, no NdarrayCodec blobs). /3: the same files in
+# the run directory the manifest's ``root`` names (a /2 reader would look for <path>/train).
+FORMAT = "dl_pipeline.prepared/3"
+READABLE = ("dl_pipeline.prepared/2", FORMAT)
 
 
 def data_root(path: str, manifest: dict[str, Any]) -> str:

@@ -448,8 +448,8 @@ def publish(spark, out: str, manifest: dict[str, Any]) -> None:
 
     The switch is one atomic replace of ``manifest.json``: a crash before it leaves the previous
     dataset current and whole, a crash after it the new one. Then run directories other than
-    this one and the one it replaces are deleted (crashed runs, older datasets), and so are
-    outputs of the layout before run directories.
+    this one and the one it replaces are deleted (crashed runs, older datasets), and so are the
+    outputs of the layout before run directories once they are no longer the one replaced.
     """
     pause = spark.conf.get(PUBLISH_PAUSE_CONF, "")
     if pause:  # test hook: the driver waits here, everything written, to be killed
@@ -463,7 +463,7 @@ def publish(spark, out: str, manifest: dict[str, Any]) -> None:
     for status in fs.listStatus(path) if fs.exists(path) else []:
         if f"v/{status.getPath().getName()}" not in keep:
             fs.delete(status.getPath(), True)
-    if previous is None:
+    if previous is not None:  # one publish after the switch from the old layout, as for a previous run dir
         for name in LEGACY_OUTPUTS:
             hadoop_delete(spark, fsutil.join(out, name))
 

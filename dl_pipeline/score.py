@@ -440,12 +440,16 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
             # moved into place together: see _commit.
             stage = fsutil.join(out, STAGING_DIR, date, uuid.uuid4().hex[:8])
             moves = []
-            for df, n, name, table in ((good, counts[True], "scores", out), (bad, counts[False], "rejects", fsutil.join(out, REJECTS_DIR))):
-                if n:
-                    df.write.format(fmt).mode("overwrite").partitionBy("dt").save(fsutil.join(stage, name))
-                if name == "scores":
-                    _pause_at(spark, "staged")
-                moves.append([fsutil.join(stage, name, f"dt={date}") if n else None, fsutil.join(table, f"dt={date}")])
+            try:
+                for df, n, name, table in ((good, counts[True], "scores", out), (bad, counts[False], "rejects", fsutil.join(out, REJECTS_DIR))):
+                    if n:
+                        df.write.format(fmt).mode("overwrite").partitionBy("dt").save(fsutil.join(stage, name))
+                    if name == "scores":
+                        _pause_at(spark, "staged")
+                    moves.append([fsutil.join(stage, name, f"dt={date}") if n else None, fsutil.join(table, f"dt={date}")])
+            except BaseException:
+                hadoop_delete(spark, stage)  # nothing was moved: the date keeps its previous result
+                raise
             _commit(spark, out, date, moves)
             hadoop_delete(spark, fsutil.join(out, STAGING_DIR, date))
     finally:

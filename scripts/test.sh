@@ -13,7 +13,7 @@ part() {  # part NAME CMD...: run CMD, print its wall time
   echo "make test: $name took $((SECONDS - t0)) s"
 }
 
-default=$PWD/.venv/bin/python spark4=$PWD/.venv-spark4/bin/python
+default=$PWD/${VENV:-.venv}/bin/python spark4=$PWD/${VENV_SPARK4:-.venv-spark4}/bin/python
 part "the default stack's suite" env PYSPARK_PYTHON="$default" PYSPARK_DRIVER_PYTHON="$default" "$default" -m pytest -q -ra "$@"
 part "the spark4 stack's set-up" env STACK=spark4 bash scripts/setup.sh
 part "the spark4 stack's suite" env PYSPARK_PYTHON="$spark4" PYSPARK_DRIVER_PYTHON="$spark4" "$spark4" -m pytest -q -ra "$@"

@@ -1,5 +1,6 @@
 """Training: real Petastorm shards, real Horovod ranks (Gloo) inside the test Spark session."""
 
+import contextlib
 import json
 import os
 import re
@@ -577,3 +578,59 @@ def test_arrow_reader_deals_and_reads_the_row_groups_as_petastorm_does(small_une
             assert len(got["arrow"]) == len(got["petastorm"]) == epochs * (2 if shard == 0 else 1)
             for a, p in zip(got["arrow"], got["petastorm"], strict=True):
                 assert all(np.array_equal(a[c], p[c]) for c in ("label", "tokens", "length"))
+
+
+_AVERAGE_RANK = r"""
+import json, os, sys
+import torch
+rank = int(sys.argv[1])
+os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+from dl_pipeline.train.comm import TorchComm
+
+torch.manual_seed(0)
+model = torch.nn.ModuleDict({"emb": torch.nn.EmbeddingBag(10, 2, mode="sum", sparse=True),
+                             "fc": torch.nn.Linear(2, 1), "extra": torch.nn.Linear(2, 1)})
+comm = TorchComm(cuda=False)
+opt = comm.distributed_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, False)
+ids = torch.tensor([[1, 2, 3], [3, 4, 5]][rank])
+h = model["emb"](ids, torch.tensor([0]))
+loss = model["fc"](h).sum() + (model["extra"](h).sum() if rank == 0 else 0)  # rank 1 never reaches "extra"
+loss.backward()
+local = {n: (p.grad.to_dense() if p.grad is not None else torch.zeros_like(p)).tolist() for n, p in model.named_parameters()}
+opt.average_gradients()
+averaged = {n: p.grad.to_dense().tolist() for n, p in model.named_parameters()}
+print(json.dumps({"local": local, "averaged": averaged}))
+comm.conclude(None)
+"""
+
+
+def test_torch_comm_averages_dense_and_sparse_gradients_even_where_a_rank_has_none(tmp_path):
+    """Two real torch.distributed (Gloo) processes: the sparse embedding gradient (different rows
+    per rank) and the dense ones are averaged over the ranks; a parameter one rank's step did not
+    reach counts as zeros there, and neither rank hangs."""
+    import numpy as np
+
+    script = tmp_path / "average.py"
+    script.write_text(_AVERAGE_RANK)
+    with socket_port() as port:
+        procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=ROOT) for r in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    for name in outs[0]["local"]:
+        want = (np.array(outs[0]["local"][name]) + np.array(outs[1]["local"][name])) / 2
+        assert np.allclose(outs[0]["averaged"][name], want) and np.allclose(outs[1]["averaged"][name], want), name
+    assert not np.allclose(outs[0]["local"]["extra.weight"], 0)  # the case under test: only rank 0 had it
+
+
+@contextlib.contextmanager
+def socket_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port

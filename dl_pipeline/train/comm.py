@@ -158,7 +158,10 @@ class TorchComm(Comm):
         self.dist.barrier()
 
     def distributed_optimizer(self, optimizer, model, fp16: bool):
-        return AveragedGradients(optimizer, [p for p in model.parameters() if p.requires_grad], self, fp16)
+        from dl_pipeline.train.optim import sparse_parameters
+
+        return AveragedGradients(optimizer, [p for p in model.parameters() if p.requires_grad], self, fp16,
+                                 sparse_parameters(model))
 
     def conclude(self, result):
         """Every rank returns rank 0's result: TorchDistributor has each rank write its return
@@ -175,8 +178,8 @@ class AveragedGradients:
     dense ones in one flattened allreduce, sparse ones by allgather of their rows. Everything
     else (param_groups, state, zero_grad, state_dict) is the wrapped optimizer's."""
 
-    def __init__(self, optimizer, params: list, comm: TorchComm, fp16: bool):
-        self.optimizer, self.params, self.comm, self.fp16 = optimizer, params, comm, fp16
+    def __init__(self, optimizer, params: list, comm: TorchComm, fp16: bool, sparse: set[int]):
+        self.optimizer, self.params, self.comm, self.fp16, self.sparse = optimizer, params, comm, fp16, sparse
 
     def __getattr__(self, name: str):
         return getattr(self.optimizer, name)
@@ -186,10 +189,16 @@ class AveragedGradients:
         return self.optimizer.step(closure)
 
     def average_gradients(self) -> None:
+        import torch
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
         comm = self.comm
-        dense = [p.grad for p in self.params if p.grad is not None and not p.grad.is_sparse]
+        # Every rank must send the same tensors: a parameter this rank's step did not reach
+        # (its grad None) contributes zeros, as in Horovod.
+        for p in self.params:
+            if p.grad is None:
+                p.grad = _empty_sparse(p) if id(p) in self.sparse else torch.zeros_like(p)
+        dense = [p.grad for p in self.params if not p.grad.is_sparse]
         if dense:
             flat = comm._on_device(_flatten_dense_tensors(dense))
             wire = flat.half() if self.fp16 and flat.is_floating_point() else flat
@@ -198,7 +207,7 @@ class AveragedGradients:
             for grad, value in zip(dense, _unflatten_dense_tensors(flat, dense), strict=True):
                 grad.copy_(value)
         for p in self.params:
-            if p.grad is not None and p.grad.is_sparse:
+            if p.grad.is_sparse:
                 p.grad = self._gather_sparse(p.grad).div_(comm.size)
 
     def _gather_sparse(self, grad):
@@ -224,6 +233,14 @@ class AveragedGradients:
         rows = torch.cat([a[:k] for a, k in zip(all_ids, n, strict=True)]).to(grad.device)
         vals = torch.cat([a[:k] for a, k in zip(all_vals, n, strict=True)]).to(grad.device)
         return torch.sparse_coo_tensor(rows.unsqueeze(0), vals, grad.shape, check_invariants=False)
+
+
+def _empty_sparse(p):
+    """A sparse gradient with no rows, shaped like the parameter ``p`` [N, D]."""
+    import torch
+
+    return torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.int64, device=p.device),
+                                   p.new_zeros((0, *p.shape[1:])), p.shape)
 
 
 def open_comm(kind: str, cuda: bool = False) -> Comm:

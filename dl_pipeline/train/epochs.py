@@ -30,6 +30,8 @@ log = logging.getLogger("dl_pipeline.train")
 def _device(choice: str, comm):
     import torch
 
+    if getattr(comm, "device", None) is not None and comm.device.type == "cuda":
+        return comm.device  # TorchComm bound NCCL to the GPU TorchDistributor gave this rank
     if _wants_cuda(choice):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but no CUDA device is visible on this executor")

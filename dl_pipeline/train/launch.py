@@ -50,15 +50,23 @@ def _rank_failure(message: str) -> str:
     """Horovod's "... The first process to do so was: Process name: 1 Exit code: 137" -> "rank 1
     died (exit code 137: SIGKILL)"; any other message as it is."""
     import re
-    import signal
 
     m = re.search(r"Process name: (\S+)\s+Exit code: (-?\d+)", message)
     if not m:
         return message
     code = int(m.group(2))
     sig = code - 128 if code > 128 else -code if code < 0 else 0
-    name = f": {signal.Signals(sig).name}" if sig in signal.valid_signals() else ""
-    return f"rank {m.group(1)} died (exit code {code}{name})"
+    return f"rank {m.group(1)} died (exit code {code}{_signal_name(sig)})"
+
+
+def _signal_name(sig: int) -> str:
+    """": SIGKILL" for 9; "" for 0 and numbers with no name (real-time signals)."""
+    import signal
+
+    try:
+        return f": {signal.Signals(sig).name}" if sig > 0 else ""
+    except ValueError:
+        return ""
 
 
 @contextlib.contextmanager
@@ -126,7 +134,8 @@ def launch_torch_distributor(spec: RankSpec, cfg: Config, n: int, spark) -> dict
 
     master = spark.sparkContext.master
     local_mode = master == "local" or master.startswith("local[")
-    use_gpu = spec.device == "cuda"
+    # auto: a GPU per rank where the cluster schedules GPUs to tasks
+    use_gpu = spec.device == "cuda" or (spec.device == "auto" and bool(spark.conf.get("spark.task.resource.gpu.amount", "")))
     with _quiet_job_cancellation(), _output_tail() as tail:
         try:
             result = TorchDistributor(num_processes=n, local_mode=local_mode, use_gpu=use_gpu).run(_torch_rank, spec)
@@ -171,15 +180,13 @@ def _torch_failure(message: str) -> str:
     (local_rank: 1) ... exitcode : -9" as "rank 1 died (exit code -9: SIGKILL)"; else the
     message's first line."""
     import re
-    import signal
 
     root = message[message.find("Root Cause"):] if "Root Cause" in message else message
     m = re.search(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", root, re.S)
     if m:
         code = int(m.group(2))
         sig = -code if code < 0 else code - 128 if code > 128 else 0
-        name = f": {signal.Signals(sig).name}" if sig in signal.valid_signals() else ""
-        return f"rank {m.group(1)} died (exit code {code}{name})"
+        return f"rank {m.group(1)} died (exit code {code}{_signal_name(sig)})"
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     return lines[0] if lines else "TorchDistributor failed"
 LAUNCHERS = {"local": launch_local, "spark": launch_spark, "horovodrun": launch_horovodrun,
