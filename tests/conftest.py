@@ -58,6 +58,21 @@ def demo_config(tmp, *overrides):
     ])
 
 
+def paused_pids(proc, pause_dir, seconds: float = 300) -> list[int]:
+    """Wait until a process paused by ``testhooks.wait_to_be_killed`` has announced its pid in
+    ``pause_dir`` (the file written under a hidden name, then renamed), or ``proc`` ended;
+    returns the announced pids."""
+    import time
+
+    def pids():
+        return [int(f) for f in os.listdir(pause_dir) if f.isdigit()] if os.path.isdir(pause_dir) else []
+
+    deadline = time.time() + seconds
+    while not pids() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    return pids()
+
+
 def published(out):
     """The local directory that holds the dataset published at ``out`` (its manifest's ``root``)."""
     import json

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import AG_TEST, AG_TRAIN, SAMPLE, published, read_split, shard_digests
+from conftest import AG_TEST, AG_TRAIN, SAMPLE, paused_pids, published, read_split, shard_digests
 from dl_pipeline.config import load_config
 from dl_pipeline.errors import UserError
 from dl_pipeline.prepare import prepare_dataset
@@ -492,19 +492,12 @@ def test_a_python_worker_killed_mid_write_on_local_cluster_gives_the_same_shards
     import signal
     import subprocess
     import sys
-    import time
 
     script, pause = tmp_path / "kill.py", tmp_path / "pause"
     script.write_text(_KILL_RUN)
     proc = subprocess.Popen([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__)), str(tmp_path),
                              str(pause)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    def paused():
-        return [int(f) for f in os.listdir(pause) if f.isdigit()] if pause.exists() else []
-
-    deadline = time.time() + 300
-    while not paused() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    pids = paused()
+    pids = paused_pids(proc, pause)
     assert pids, "the writer never paused"
     os.kill(pids[0], signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
@@ -536,7 +529,6 @@ def test_a_driver_killed_while_publishing_leaves_the_previous_dataset(spark, tmp
     import signal
     import subprocess
     import sys
-    import time
 
     old, new = tmp_path / "old.csv", tmp_path / "new.csv"
     old.write_text("".join(f'"{1 + i % 4}","title {i}","old body {i} with words"\n' for i in range(400)))
@@ -550,10 +542,7 @@ def test_a_driver_killed_while_publishing_leaves_the_previous_dataset(spark, tmp
     script.write_text(_PUBLISH_KILL_RUN)
     proc = subprocess.Popen([sys.executable, str(script), str(new), str(out), str(pause)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (pause.exists() and os.listdir(pause)) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert pause.exists() and [int(f) for f in os.listdir(pause)] == [proc.pid], proc.stderr.read()[-3000:] if proc.poll() is not None else "no pause"
+    assert paused_pids(proc, pause) == [proc.pid], proc.stderr.read()[-3000:] if proc.poll() is not None else "no pause"
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import AG_TEST, ROOT, SAMPLE, read_split
+from conftest import AG_TEST, ROOT, SAMPLE, paused_pids, read_split
 from dl_pipeline.config import replace
 from dl_pipeline.features import clean_record, featurize_texts
 from dl_pipeline.score import DROP_ROW_CONF, INJECT_FAILURE_CONF, predict_texts, score_batch
@@ -534,7 +534,6 @@ def test_a_driver_killed_while_writing_keeps_or_finishes_a_whole_result(spark, a
     once and clears the killed run's staged files."""
     import logging
     import signal
-    import time
 
     cfg, _ = ag_model
     out, date, pause = tmp_path / "out", "2026-11-25", tmp_path / "pause"
@@ -548,10 +547,7 @@ def test_a_driver_killed_while_writing_keeps_or_finishes_a_whole_result(spark, a
            "--set", f"score.input_path={b}", "--set", f"score.output_path={out}", "--set", f"score.run_date={date}",
            "--set", "spark.master=local[1]", "--set", f"spark.conf.spark.dl_pipeline.test.score_pause={point}:{pause}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.time() + 300
-    while not (pause.exists() and os.listdir(pause)) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert pause.exists() and [int(f) for f in os.listdir(pause)] == [proc.pid], "the run never paused"
+    assert paused_pids(proc, pause) == [proc.pid], "the run never paused"
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     journal = out / "_runs" / f"{date}.commit"
