@@ -37,6 +37,16 @@ import numpy as np
 PREFETCH_BATCHES = 4
 
 
+def resolve_reader(choice: str) -> str:
+    """``auto`` -> Petastorm where it is installed (the default stack), else pyarrow alone
+    (stacks Petastorm cannot run on: pyarrow >= 15, numpy 2); other choices as they are."""
+    import importlib.util
+
+    if choice != "auto":
+        return choice
+    return "petastorm" if importlib.util.find_spec("petastorm") is not None else "arrow"
+
+
 @contextlib.contextmanager
 def row_groups(url: str, columns: Iterable[str], shapes: dict[str, list[int]], shard: int, shards: int, *,
                epochs: int | None, seed: int, shuffle: bool, workers: int,
@@ -46,11 +56,7 @@ def row_groups(url: str, columns: Iterable[str], shapes: dict[str, list[int]], s
     (``make_batch_reader``), ``arrow`` (pyarrow alone, see _arrow_row_groups) or ``auto``
     (Petastorm where installed). Both deal out the same row groups in the same order and hand
     back the same arrays, so training is the same whichever reads (with one reader thread)."""
-    if reader == "auto":
-        import importlib.util
-
-        reader = "petastorm" if importlib.util.find_spec("petastorm") is not None else "arrow"
-    if reader == "arrow":
+    if resolve_reader(reader) == "arrow":
         yield _arrow_row_groups(url, list(columns), shapes, shard, shards, epochs=epochs, seed=seed, shuffle=shuffle)
         return
     from petastorm import make_batch_reader

@@ -25,15 +25,14 @@ COMM_OF = {"local": "none", "spark": "horovod", "horovodrun": "horovod", "torch_
 
 
 def reader_for(choice: str) -> str:
-    """``train.reader``: ``auto`` is Petastorm where it is installed (the default stack), else
-    pyarrow alone (stacks Petastorm cannot run on: pyarrow >= 15, numpy 2)."""
-    import importlib.util
+    """``train.reader`` resolved here, on the driver (data.resolve_reader), so every rank reads
+    the same way; ``petastorm`` where it is missing is one line."""
+    from dl_pipeline.train.data import resolve_reader
 
-    if choice != "auto":
-        if choice == "petastorm" and importlib.util.find_spec("petastorm") is None:
-            raise UserError("train.reader=petastorm but petastorm is not installed here; set train.reader=arrow (or auto)")
-        return choice
-    return "petastorm" if importlib.util.find_spec("petastorm") is not None else "arrow"
+    reader = resolve_reader(choice)
+    if reader == "petastorm" and resolve_reader("auto") != "petastorm":
+        raise UserError("train.reader=petastorm but petastorm is not installed here; set train.reader=arrow (or auto)")
+    return reader
 
 
 def check_launcher(launcher: str) -> None:
