@@ -158,7 +158,8 @@ class TrainConfig:
     """The training loop. ``batch_size`` is per rank; the learning rate is scaled by world size.
 
     ``optimizer: auto``, ``lr: 0``, ``batch_size: 0``, ``epochs: 0``, ``lr_schedule: auto``,
-    ``momentum: -1`` and ``warmup_epochs: -1`` take the model's recipe (``train/recipes.py``;
+    ``momentum: -1``, ``warmup_epochs: -1``, ``early_stopping_patience: -1`` and
+    ``label_smoothing: -1`` take the model's recipe (``train/recipes.py``;
     the batch shrinks on small data so an epoch has enough steps); set any of them to override
     just that part.
     """
@@ -178,7 +179,8 @@ class TrainConfig:
     scale_lr: bool = True
     warmup_epochs: float = -1.0
     seed: int = 42
-    early_stopping_patience: int = 3
+    early_stopping_patience: int = -1
+    label_smoothing: float = -1.0
     max_restarts: int = 0
     checkpoint_every_steps: int = 0
     steps_per_epoch: int = 0
@@ -213,6 +215,10 @@ class TrainConfig:
         _require(self.lr >= 0, "train.lr must be >= 0 (0 = the model's recipe)")
         _require(self.momentum >= 0 or self.momentum == -1, "train.momentum must be >= 0 (-1 = the model's recipe)")
         _require(self.warmup_epochs >= 0 or self.warmup_epochs == -1, "train.warmup_epochs must be >= 0 (-1 = the model's recipe)")
+        _require(self.early_stopping_patience >= -1,
+                 "train.early_stopping_patience must be >= 0 epochs (0 = never stop early, -1 = the model's recipe)")
+        _require(0 <= self.label_smoothing < 1 or self.label_smoothing == -1,
+                 "train.label_smoothing must be in [0, 1) (-1 = the model's recipe)")
         _require(self.steps_per_epoch >= 0, "train.steps_per_epoch must be >= 0 (0 = rows / world / batch)")
         _require(self.reader_workers >= 1, "train.reader_workers must be >= 1")
         _require(self.shuffle_buffer >= 0, "train.shuffle_buffer must be >= 0 (rows)")

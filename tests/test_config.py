@@ -87,15 +87,22 @@ def test_dataset_configs_hold_only_data_facts():
         assert set(doc.get("model", {})) <= {"name"}, (name, doc["model"])  # images need an image model
 
 
-def test_recipe_batch_shrinks_on_small_data_only():
+def test_recipe_batch_lr_and_epochs_follow_the_data_size():
     from dl_pipeline.train.recipes import batch_for, resolve
 
     assert batch_for(256, 100_000, 128) == 256
     assert batch_for(256, 4_933, 128) == 32  # AG News sample over 2 ranks: 154 steps an epoch
     assert batch_for(256, 96, 128) == 16  # never below MIN_BATCH
     r = resolve("fasttext", Config().train, 96)
-    assert (r.batch_size, r.epochs) == (16, 10)
-    assert resolve("fasttext", replace(Config(), train={"batch_size": 512, "epochs": 3}).train, 96).batch_size == 512
+    assert (r.batch_size, r.steps_per_epoch) == (16, 6)
+    # the LR per sample stays the recipe's; epochs and patience grow until the run has enough steps
+    assert r.lr == 0.02 * 16 / 256 and r.epochs == 300 and r.patience == 84 and r.label_smoothing == 0.1
+    big = resolve("fasttext", Config().train, 100_000)
+    assert (big.batch_size, big.lr, big.epochs, big.patience) == (256, 0.02, 10, 3)
+    user = resolve("fasttext", replace(Config(), train={"batch_size": 512, "epochs": 3, "lr": 0.1,
+                                                        "early_stopping_patience": 0, "label_smoothing": 0.0}).train, 96)
+    assert (user.batch_size, user.epochs, user.lr, user.patience, user.label_smoothing) == (512, 3, 0.1, 0, 0.0)
+    assert resolve("cnn", Config().train, 96).lr == 0.001  # the rule is fastText's: the CNNs keep their LR
 
 
 def test_replace_and_json_roundtrip():

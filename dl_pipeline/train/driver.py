@@ -112,7 +112,7 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
         raise UserError(f"{t.data_path}: the val split is empty; re-run prepare with shard.val_fraction > 0")
     _check_layout(cfg, splits, world_size)
     r = recipes.resolve(cfg.model.name, t, splits["train"]["rows"] // world_size)
-    steps = t.steps_per_epoch or max(1, splits["train"]["rows"] // (world_size * r.batch_size))
+    steps = r.steps_per_epoch
     m = cfg.model
     spec = model_spec(m.name, manifest["featurizer"], manifest["num_classes"], m.embed_dim, m.char_cnn_size, m.dropout,
                       m.sparse_embeddings, m.lstm_hidden, m.lstm_layers, m.lstm_bidirectional)
@@ -144,7 +144,8 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
         momentum=r.momentum,
         weight_decay=t.weight_decay,
         seed=t.seed,
-        early_stopping_patience=t.early_stopping_patience,
+        early_stopping_patience=r.patience,
+        label_smoothing=r.label_smoothing,
         checkpoint_every_steps=t.checkpoint_every_steps,
         log_every_steps=t.log_every_steps,
         progress=t.progress,
@@ -216,9 +217,11 @@ def train_model(cfg: Config, spark=None) -> dict[str, Any]:
     if not spec.resume and os.path.exists(os.path.join(spec.run_dir, "metrics.jsonl")):
         os.remove(os.path.join(spec.run_dir, "metrics.jsonl"))
     log.info("training %s (%s mode) on %d rank(s) via %s: %s, global batch %d, peak lr %g (%s schedule, %d warm-up steps), "
-             "%d steps/epoch x %d epochs; shards %s", cfg.model.name, spec.mode, n, cfg.train.launcher, spec.optimizer,
+             "%d steps/epoch x at most %d epochs (%s), label smoothing %g; shards %s", cfg.model.name, spec.mode, n, cfg.train.launcher, spec.optimizer,
              spec.batch_size * n * (spec.hogwild_workers if spec.mode == "hogwild" else 1), spec.peak_lr, spec.lr_schedule,
              spec.warmup_steps, spec.steps_per_epoch, spec.epochs,
+             f"early stopping after {spec.early_stopping_patience} epochs without a better val loss"
+             if spec.early_stopping_patience else "no early stopping", spec.label_smoothing,
              "held in memory after one read" if spec.resident else f"streamed from Parquet every pass (train.cache_mb={cfg.train.cache_mb})")
     metrics = _launch_with_restarts(spec, cfg, n, spark)
     summary = {"val": metrics["val"], "test": metrics["test"], "epochs_run": metrics["epochs_run"],

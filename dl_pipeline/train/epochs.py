@@ -80,7 +80,7 @@ class SyncSteps:
         from dl_pipeline.train.loop import schedule_of, train_one_epoch
 
         stats = train_one_epoch(self.model, self.optimizer, self.batches, steps, first_step, schedule_of(self.spec),
-                                self.device, on_step)
+                                self.device, on_step, label_smoothing=self.spec.label_smoothing)
         return {**stats, "steps": steps}
 
     def close(self) -> None:

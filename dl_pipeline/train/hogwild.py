@@ -74,7 +74,7 @@ def _worker(w: int, rank: int, size: int, spec, model, first_epoch: int, skip: i
                 break
             first_step, n = cmd
             stats = train_one_epoch(model, optimizer, batches, n, first_step + w, lr, torch.device("cpu"),
-                                    step_stride=workers)
+                                    step_stride=workers, label_smoothing=spec.label_smoothing)
             results.put((w, stats))
 
 

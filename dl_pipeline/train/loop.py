@@ -50,6 +50,7 @@ def train_one_epoch(
     device: torch.device,
     on_step: Callable[[int, int, float, float, int], None] | None = None,
     step_stride: int = 1,
+    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """Run exactly ``steps`` optimizer steps from ``batches``; returns loss and timing sums.
 
@@ -57,6 +58,7 @@ def train_one_epoch(
     a Hogwild worker, one of ``step_stride`` sharing the steps, advances it by the stride.
     ``on_step(done, 1, loss, lr, rows)`` follows each step (``done``: global steps completed).
     ``data_s`` is time spent waiting for the next batch, ``step_s`` the whole step time.
+    ``label_smoothing`` softens the targets of the loss trained on (and reported as train loss).
     """
     model.train()
     total_loss, samples, data_s, t_start = 0.0, 0, 0.0, time.perf_counter()
@@ -69,7 +71,7 @@ def train_one_epoch(
         for group in optimizer.param_groups:  # lr_scale: a pre-trained body's share (transfer.py)
             group["lr"] = lr_for_step(step) * group.get("lr_scale", 1.0)
         optimizer.zero_grad()  # set_to_none is the default; Horovod's wrapper takes no arguments
-        loss = F.cross_entropy(model(batch), batch["label"].long())
+        loss = F.cross_entropy(model(batch), batch["label"].long(), label_smoothing=label_smoothing)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLoss(step, value)

@@ -48,6 +48,7 @@ class RankSpec:
     weight_decay: float
     seed: int
     early_stopping_patience: int
+    label_smoothing: float = 0.0  # of the training loss only; val and test losses are plain cross-entropy
     # loop bookkeeping
     checkpoint_every_steps: int = 0
     log_every_steps: int = 50
@@ -83,6 +84,7 @@ class RankSpec:
             (self.optimizer in ("sgd", "adam"), f"optimizer {self.optimizer!r}: sgd or adam"),
             (self.lr_schedule in ("constant", "linear", "cosine"), f"lr_schedule {self.lr_schedule!r}"),
             (self.peak_lr > 0 and self.base_lr > 0, "learning rates must be > 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.warmup_steps >= 0 and self.log_every_steps >= 1, "warmup_steps >= 0 and log_every_steps >= 1"),
             (self.mode in ("sync", "hogwild"), f"mode {self.mode!r}: sync or hogwild"),
             (self.comm in ("none", "horovod", "torch"), f"comm {self.comm!r}: none, horovod or torch"),
