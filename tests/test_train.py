@@ -638,3 +638,31 @@ def socket_port():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     yield port
+
+
+def test_recipe_label_smoothing_and_patience_reach_the_ranks_and_the_loss(small_uneven):
+    """The driver hands the ranks the recipe's smoothing and patience; the loop trains on the
+    smoothed loss (a model already sure of every label still has loss > 0)."""
+    import math
+
+    from dl_pipeline.train.driver import rank_spec
+    from dl_pipeline.train.loop import train_one_epoch
+
+    spec = rank_spec(small_uneven, 1)
+    assert spec.label_smoothing == 0.1
+    assert spec.early_stopping_patience == max(3, math.ceil(500 / spec.steps_per_epoch))
+    mine = rank_spec(replace(small_uneven, train={"label_smoothing": 0.0, "early_stopping_patience": 2}), 1)
+    assert (mine.label_smoothing, mine.early_stopping_patience) == (0.0, 2)
+
+    class Sure(torch.nn.Module):  # logits 50 for the true label: plain cross-entropy ~0
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, batch):
+            return torch.nn.functional.one_hot(batch["label"].long(), 4).float() * 50 + self.w
+
+    batches = iter([{"label": torch.tensor([0, 1, 2, 3])}] * 2)
+    losses = [train_one_epoch(Sure(), torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=0.0), batches, 1, 0,
+                              lambda step: 0.0, torch.device("cpu"), label_smoothing=ls)["loss_sum"] / 4 for ls in (0.0, 0.1)]
+    assert losses[0] < 1e-6 and losses[1] > 1.0  # 0.1 x 3/4 of the mass on labels 50 logits below
