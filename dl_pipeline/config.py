@@ -194,6 +194,7 @@ class TrainConfig:
     progress: bool = True
     mlflow_tracking_uri: str = ""
     mlflow_experiment: str = "dl_pipeline"
+    mlflow_registered_model: str = ""  # registers the logged model under this name (needs a tracking URI)
     # transfer learning: warm-start from a trained bundle (train/transfer.py)
     init_from: str = ""
     freeze: tuple[str, ...] = ()

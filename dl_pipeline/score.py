@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from dl_pipeline import features, fsutil
-from dl_pipeline.config import Config, DataConfig, ScoreConfig
+from dl_pipeline.config import Config, DataConfig, ScoreConfig, replace
 from dl_pipeline.errors import PipelineError, UserError
 from dl_pipeline.sources import parse_and_clean_lines
 from dl_pipeline.spark import hadoop_delete, hadoop_path
@@ -229,6 +229,45 @@ def _image_batch(pdf: pd.DataFrame, spec: dict[str, Any]):
     return reasons, {"image": np.stack(pixels)} if pixels else None
 
 
+def score_frame(bundle, pdf: pd.DataFrame, batch_size: int, top_k: int, max_chars: int, separator: str,
+                num_fields: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One batch of rows -> (``pdf``, gaining ``label_raw`` when it came as raw lines; its scores).
+
+    ``pdf`` holds raw Zhang CSV lines (``raw``), fields split by Spark (``parts`` + ``reason``) or
+    encoded images (``content`` + ``reason``). The scores, on ``pdf``'s index: ``prediction``
+    (Int32, label_base added; null for a rejected row), ``label_name``, ``probability``, ``top_k``
+    (when asked) and ``reason`` (None = scored). What the score job and the MLflow model
+    (``mlflow_model.py``) both run, so a row scores the same through either."""
+    if "content" in pdf:
+        reasons, feats = _image_batch(pdf, bundle.featurizer)
+    else:
+        pdf, reasons, feats = _text_batch(pdf, bundle.model_featurizer, max_chars, separator, num_fields)
+    base, names = bundle.labels["label_base"], bundle.labels["names"]
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    out = pd.DataFrame(index=pdf.index)
+    out["prediction"] = pd.array([None] * len(pdf), dtype="Int32")
+    out["label_name"] = None
+    out["probability"] = np.nan
+    if feats is not None:
+        pred = _predict(bundle, feats, batch_size, top_k)
+        out.loc[ok, "prediction"] = (pred["index"] + base).astype(np.int32)
+        out.loc[ok, "label_name"] = [names[i] for i in pred["index"]]
+        out.loc[ok, "probability"] = pred["probability"]
+        if top_k:
+            tops = [
+                [{"label": int(i + base), "probability": float(p)} for i, p in zip(ri, rp, strict=False)]
+                for ri, rp in zip(pred["topk_index"], pred["topk_prob"], strict=False)
+            ]
+            col = [None] * len(pdf)
+            for j, t in zip(np.flatnonzero(ok), tops, strict=False):
+                col[j] = t
+            out["top_k"] = col
+    if top_k and "top_k" not in out:
+        out["top_k"] = None
+    out["reason"] = reasons
+    return pdf, out
+
+
 def _score_fn(model_path: str, version: str, ids: list[str], batch_size: int, top_k: int, max_chars: int, separator: str,
               num_fields: int, inject_failure: bool = False, drop_a_row: bool = False):
     """mapInPandas body: raw rows -> scored rows, bad rows flagged with a reason (never raised).
@@ -237,38 +276,16 @@ def _score_fn(model_path: str, version: str, ids: list[str], batch_size: int, to
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         bundle = _bundle(model_path, version)
-        base, names = bundle.labels["label_base"], bundle.labels["names"]
         for n_batch, pdf in enumerate(batches):
             if inject_failure and n_batch == 1:  # test hook: die mid-task, after output began
                 raise RuntimeError("injected scoring failure")
-            if "content" in pdf:
-                reasons, feats = _image_batch(pdf, bundle.featurizer)
-            else:
-                pdf, reasons, feats = _text_batch(pdf, bundle.model_featurizer, max_chars, separator, num_fields)
-            ok = np.array([r is None for r in reasons], dtype=bool)
+            pdf, scored = score_frame(bundle, pdf, batch_size, top_k, max_chars, separator, num_fields)
             out = pdf[ids].copy()
-            out["prediction"] = pd.array([None] * len(pdf), dtype="Int32")
-            out["label_name"] = None
-            out["probability"] = np.nan
-            if feats is not None:
-                pred = _predict(bundle, feats, batch_size, top_k)
-                out.loc[ok, "prediction"] = (pred["index"] + base).astype(np.int32)
-                out.loc[ok, "label_name"] = [names[i] for i in pred["index"]]
-                out.loc[ok, "probability"] = pred["probability"]
-                if top_k:
-                    tops = [
-                        [{"label": int(i + base), "probability": float(p)} for i, p in zip(ri, rp, strict=False)]
-                        for ri, rp in zip(pred["topk_index"], pred["topk_prob"], strict=False)
-                    ]
-                    col = [None] * len(pdf)
-                    for j, t in zip(np.flatnonzero(ok), tops, strict=False):
-                        col[j] = t
-                    out["top_k"] = col
-            if top_k and "top_k" not in out:
-                out["top_k"] = None
+            for col in scored.columns.drop("reason"):
+                out[col] = scored[col]
             out["model_version"] = bundle.version
-            out["raw"] = [None if r is None else (raw or "")[:4096] for r, raw in zip(reasons, pdf["raw"], strict=False)]
-            out["reason"] = reasons
+            out["raw"] = [None if r is None else (raw or "")[:4096] for r, raw in zip(scored["reason"], pdf["raw"], strict=False)]
+            out["reason"] = scored["reason"]
             yield out.iloc[1:] if drop_a_row and n_batch == 0 else out
 
     return run
@@ -358,6 +375,13 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     date = run_date(s)
     t0 = time.time()
     from dl_pipeline.bundle import load_bundle
+    from dl_pipeline.mlflow_io import is_model_uri, resolve_bundle
+
+    model_uri = s.model_path if is_model_uri(s.model_path) else None
+    if model_uri:  # models:/name@alias -> the bundle, copied once where every executor reads it
+        cfg = replace(cfg, score={"model_path": resolve_bundle(model_uri, fsutil.join(fsutil.to_url(s.output_path), "_models"))})
+        s = cfg.score
+        log.info("score: %s resolved to %s", model_uri, s.model_path)
 
     bundle = load_bundle(s.model_path)  # fail fast on the driver with a clear message
     classes = len(bundle.labels["names"])
@@ -378,7 +402,7 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     try:
         # two runs of one date would interleave their replacements of the partition: one at a time
         with fsutil.exclusive_lock(lock, {"started": started, "model_version": bundle.version}, f"score for {date}"):
-            return _score_date(spark, cfg, bundle, kind, date, in_path, t0)
+            return _score_date(spark, cfg, bundle, kind, date, in_path, t0, model_uri)
     finally:
         if before is None:
             spark.conf.unset(BATCH_CONF)
@@ -386,7 +410,8 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
             spark.conf.set(BATCH_CONF, before)
 
 
-def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, t0: float) -> dict[str, Any]:
+def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, t0: float,
+                model_uri: str | None = None) -> dict[str, Any]:
     """score_batch's job, with the session's Arrow batch size already set."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
@@ -462,6 +487,7 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
         "input_path": in_path,
         "output_path": out,
         "model_version": bundle.version,
+        **({"model_uri": model_uri} if model_uri else {}),
         "rows_in": rows_in,
         "scored": counts.get(True, 0),
         "rejected": counts.get(False, 0),

@@ -313,7 +313,14 @@ def test_mlflow_logs_params_metrics_and_bundle_when_configured(small_uneven, tmp
     assert 0 < run.data.metrics["final_test_accuracy"] <= 1 and "final_val_loss" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     assert len(client.get_metric_history(run.info.run_id, "data_wait_fraction_per_rank_rank0")) == 2
-    assert "model/model.safetensors" in [a.path for a in client.list_artifacts(run.info.run_id, "model")]
+    record = json.load(open(tmp_path / "run" / "mlflow.json"))  # the bundle, logged as a pyfunc model from code
+    assert record["run_id"] == run.info.run_id and record["registered_version"] is None
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(record["model_uri"])
+    out = model.predict(pd.DataFrame({"title": ["Stocks rally", None], "text": ["Shares rose on Wall Street.", None]}))
+    assert list(out.columns) == ["prediction", "label_name", "probability", "reason"]
+    assert out["reason"].tolist() == ["", "empty_text"] and 1 <= int(out["prediction"][0]) <= 4
 
 
 def test_mixed_adam_equals_adam_on_dense_and_sparse_adam_on_sparse():

@@ -107,6 +107,9 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
     if missing:
         raise UserError(f"{t.data_path}: prepared dataset has no {', '.join(missing)} column (model.name={cfg.model.name} "
                         f"reads it; datasets prepared by an earlier version lack it): re-run `dl-pipeline prepare`")
+    if t.mlflow_registered_model and not (t.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise UserError(f"train.mlflow_registered_model={t.mlflow_registered_model!r} needs a tracking server: set "
+                        "train.mlflow_tracking_uri (or MLFLOW_TRACKING_URI)")
     splits = manifest["splits"]
     if splits["val"]["rows"] == 0:
         raise UserError(f"{t.data_path}: the val split is empty; re-run prepare with shard.val_fraction > 0")
@@ -164,6 +167,7 @@ def rank_spec(cfg: Config, world_size: int) -> RankSpec:
         world_size=world_size,
         mlflow_tracking_uri=t.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
         mlflow_experiment=t.mlflow_experiment,
+        mlflow_registered_model=t.mlflow_registered_model,
         config=cfg.to_dict(),
         transfer=warm,
         fail_at_step=int(os.environ.get("DL_PIPELINE_FAIL_AT_STEP", "0")),

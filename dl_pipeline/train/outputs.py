@@ -108,9 +108,12 @@ def _scalars(record: dict, skip=()) -> dict:
 
 
 def log_to_mlflow(spec, metrics: dict) -> str | None:
-    """Log params, per-epoch and final metrics and the bundle to MLflow; a no-op unless a
-    tracking URI is configured (train.mlflow_tracking_uri or MLFLOW_TRACKING_URI). Returns the
-    run id. Training never fails because of tracking: problems are logged as warnings."""
+    """Log params, per-epoch and final metrics and the bundle, as a pyfunc model defined from code
+    (``mlflow_io.log_bundle_model``; registered as ``train.mlflow_registered_model`` when set), to
+    MLflow; a no-op unless a tracking URI is configured (train.mlflow_tracking_uri or
+    MLFLOW_TRACKING_URI). Writes ``<run_dir>/mlflow.json`` (run id, model URI, registered
+    version) and returns the run id. Training never fails because of tracking: problems are
+    logged as warnings, and the bundle is on disk either way."""
     import logging
 
     log = logging.getLogger("dl_pipeline.train")
@@ -119,6 +122,8 @@ def log_to_mlflow(spec, metrics: dict) -> str | None:
         return None
     try:
         import mlflow
+
+        from dl_pipeline.mlflow_io import log_bundle_model
     except ImportError:
         log.warning("MLflow tracking URI %s is set but mlflow is not installed; skipping MLflow logging", uri)
         return None
@@ -132,8 +137,16 @@ def log_to_mlflow(spec, metrics: dict) -> str | None:
                 mlflow.log_metrics(_scalars(h, skip=("type", "epoch", "step")), step=h["step"])
             final = {f"final_{s}_{k}": float(v) for s in ("val", "test") for k, v in (metrics[s] or {}).items() if v is not None}
             mlflow.log_metrics(final)
-            mlflow.log_artifacts(os.path.join(spec.run_dir, "model"), artifact_path="model")
-            return run.info.run_id
+            info = log_bundle_model(os.path.join(spec.run_dir, "model"), spec.config, spec.mlflow_registered_model)
+            record = {"tracking_uri": uri, "run_id": run.info.run_id, "model_uri": info.model_uri,
+                      "registered_model": spec.mlflow_registered_model or None,
+                      "registered_version": info.registered_model_version}
+        with open(os.path.join(spec.run_dir, "mlflow.json"), "w") as fh:
+            json.dump(record, fh, indent=2)
+        log.info("MLflow: run %s, model %s%s", record["run_id"], record["model_uri"],
+                 f", registered as models:/{spec.mlflow_registered_model}/{record['registered_version']}"
+                 if spec.mlflow_registered_model else "")
+        return run.info.run_id
     except Exception as exc:  # tracking server down, auth, ...: the model is already saved
-        log.warning("MLflow logging to %s failed: %s", uri, exc)
+        log.warning("MLflow logging to %s failed: %s", uri, " ".join(str(exc).split())[:500])
         return None

@@ -70,6 +70,7 @@ class RankSpec:
     # outputs
     mlflow_tracking_uri: str = ""
     mlflow_experiment: str = "dl_pipeline"
+    mlflow_registered_model: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     # warm start (train/transfer.py plan): bundle, model_version, head kept/new, freeze, body_lr_factor
     transfer: dict[str, Any] = field(default_factory=dict)
