@@ -23,22 +23,36 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "
   exit 0
 fi
 
+# Each step prints one line; its pip/compiler output goes to $LOG, shown only when the step fails.
+LOG=$(mktemp "${TMPDIR:-/tmp}/dl_pipeline-setup-$STACK.XXXXXX")
+step() {
+  local what=$1 t0=$SECONDS rc=0
+  shift
+  "$@" >>"$LOG" 2>&1 || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "setup: $what FAILED (exit $rc); the last lines of $LOG:" >&2
+    tail -n 40 "$LOG" >&2
+    exit "$rc"
+  fi
+  echo "setup: $what ($((SECONDS - t0)) s)"
+}
+
 command -v "$PYTHON" >/dev/null || { echo "setup: $PYTHON not found; set PYTHON=/path/to/python3.11" >&2; exit 2; }
 command -v java >/dev/null || { echo "setup: java not found; Spark needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 2; }
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+[ -x "$VENV/bin/python" ] || step "create $VENV" "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q --upgrade pip 'setuptools<70' wheel
+step "pip, setuptools, wheel" "${PIP[@]}" install -q --upgrade pip 'setuptools<70' wheel
 # The lock pins every transitive version.
 req_args=(); for r in "${reqs[@]}"; do req_args+=(-r "$r"); done
-"${PIP[@]}" install -q -c "$lock" "${req_args[@]}"
+step "requirements (${reqs[*]}, pinned by $lock)" "${PIP[@]}" install -q -c "$lock" "${req_args[@]}"
 if [ "$STACK" = default ]; then
   # horovod compiles against the torch installed above
-  bash scripts/build_horovod.sh "$VENV/bin/python"
+  step "horovod 0.28.1 wheel (built once, then cached)" bash scripts/build_horovod.sh "$VENV/bin/python"
   CACHE=${DL_PIPELINE_WHEEL_CACHE:-$HOME/.cache/dl_pipeline/wheels}
-  "${PIP[@]}" install -q --no-deps --force-reinstall "$CACHE"/horovod-0.28.1-*.whl
+  step "horovod install" "${PIP[@]}" install -q --no-deps --force-reinstall "$CACHE"/horovod-0.28.1-*.whl
 fi
 # install_requires is the default stack's list; each stack's own pins are installed above.
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e .
+step "dl_pipeline (editable)" "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
 if [ "$STACK" = default ]; then
   "$VENV/bin/python" - <<'PY'
 import horovod.torch as hvd, petastorm, pyarrow, pyspark, torch
@@ -55,3 +69,4 @@ print(f"setup: spark4 stack: torch {torch.__version__}, pyspark {pyspark.__versi
 PY
 fi
 echo "$want" > "$stamp"
+rm -f "$LOG"

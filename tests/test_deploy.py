@@ -278,3 +278,69 @@ def test_local_sessions_run_python_tasks_with_the_young_generation_collection(sp
         yield type(sys.modules["pyspark.daemon"].gc).__name__
 
     assert spark.sparkContext.parallelize(range(2), 2).mapPartitions(probe).collect() == ["_YoungGenerationGC"] * 2
+
+
+# The bundle's top level and a variable's keys (docs.databricks.com/dev-tools/bundles/settings):
+# what the CLI's schema allows there; the resources are checked by Databricks' own models below.
+BUNDLE_KEYS = {"bundle", "variables", "artifacts", "resources", "targets", "include", "workspace", "permissions", "run_as",
+               "sync", "presets", "experimental", "python", "scripts"}
+VARIABLE_KEYS = {"description", "default", "type", "lookup"}
+TARGET_KEYS = {"mode", "default", "resources", "variables", "workspace", "bundle", "artifacts", "presets", "run_as",
+               "permissions", "sync", "git", "cluster_id", "compute_id"}
+
+
+def _merged(base, override):
+    """A target's override merged onto the base resource, as `databricks bundle` merges them."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: _merged(base.get(k), v) if k in base else v for k, v in override.items()} | \
+            {k: v for k, v in base.items() if k not in override}
+    return override
+
+
+def _bundle_problems(doc):
+    """Every problem Databricks' own job models (databricks-bundles) and the bundle schema find in
+    a parsed databricks.yml, each target's merged jobs included."""
+    from databricks.bundles.jobs import Job
+
+    problems = [f"unknown top-level key {k!r}" for k in set(doc) - BUNDLE_KEYS]
+    declared = set(doc.get("variables", {}))
+    for name, var in doc.get("variables", {}).items():
+        problems += [f"variables.{name}: unknown key {k!r}" for k in set(var) - VARIABLE_KEYS]
+    used = set(re.findall(r"\$\{var\.(\w+)\}", json.dumps(doc)))
+    problems += [f"${{var.{v}}} is not declared under variables" for v in sorted(used - declared)]
+    jobs = doc.get("resources", {}).get("jobs", {})
+    checks = [(f"resources.jobs.{n}", j) for n, j in jobs.items()]
+    for tname, target in doc.get("targets", {}).items():
+        problems += [f"targets.{tname}: unknown key {k!r}" for k in set(target) - TARGET_KEYS]
+        for n, j in target.get("resources", {}).get("jobs", {}).items():
+            if n not in jobs:
+                problems.append(f"targets.{tname}.resources.jobs.{n}: no such job")
+            checks.append((f"targets.{tname}.resources.jobs.{n}", _merged(jobs.get(n, {}), j)))
+    for where, job in checks:
+        try:
+            Job.from_dict(job)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{where}: {exc}")
+    return problems
+
+
+def test_databricks_bundle_passes_databricks_own_job_models():
+    doc = yaml.safe_load(open(os.path.join(ROOT, "databricks.yml")))
+    assert _bundle_problems(doc) == []
+    score = doc["resources"]["jobs"]["dl_pipeline_score"]
+    assert score["tasks"][0]["max_retries"] >= 1 and score["email_notifications"]["on_failure"]
+    assert score["max_concurrent_runs"] == 1 and score["timeout_seconds"] > 0
+    # the check can fail: unknown keys and wrong types, at any depth, in a target too
+    broken = [
+        lambda d: d["resources"]["jobs"]["dl_pipeline_score"].update(max_concurent_runs=1),
+        lambda d: d["resources"]["jobs"]["dl_pipeline_score"]["tasks"][0].update(max_retries="twice"),
+        lambda d: d["resources"]["jobs"]["dl_pipeline_train"]["tasks"][0]["python_wheel_task"].update(entrypoint="x"),
+        lambda d: d["targets"]["dev"]["resources"]["jobs"]["dl_pipeline_score"]["schedule"].update(pause="PAUSED"),
+        lambda d: d["variables"]["config"].update(defualt="x"),
+        lambda d: d["resources"]["jobs"]["dl_pipeline_prepare"]["tasks"][0]["python_wheel_task"]["parameters"].append("${var.nope}"),
+        lambda d: d.update(target={}),
+    ]
+    for i, breaks in enumerate(broken):
+        doc = yaml.safe_load(open(os.path.join(ROOT, "databricks.yml")))
+        breaks(doc)
+        assert _bundle_problems(doc), i
