@@ -95,7 +95,9 @@ def main(argv: Sequence[str] | None = None, command: str | None = None, prog: st
         setup_logging(logging.WARNING if args.quiet else logging.INFO)
         cfg = resolve_config(args)
         result = run_command(command or args.command, cfg)
-        if isinstance(result, dict) and "summary" in result:
+        if isinstance(result, dict) and "text" in result:  # report: lines for people
+            print(result["text"])
+        elif isinstance(result, dict) and "summary" in result:
             print(json.dumps(result["summary"], sort_keys=True))
 
     return guarded(body)

@@ -450,8 +450,13 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
             raise UserError("score.output_format=delta needs delta-spark on the cluster (Databricks has it); use parquet") from None
     try:
         # The count runs the model once and fills the cache; both writes then read the cache.
-        by_reason = {r["reason"]: r["n"] for r in scored.groupBy("reason").agg(F.count(F.lit(1)).alias("n")).collect()}
-        counts = {True: by_reason.pop(None, 0), False: sum(by_reason.values())}
+        by_reason: dict[str, int] = {}
+        by_label: dict[str, int] = {}  # the scored rows' predicted labels (the report's distribution per date)
+        for r in scored.groupBy("reason", "label_name").agg(F.count(F.lit(1)).alias("n")).collect():
+            tally = by_label if r["reason"] is None else by_reason
+            key = r["label_name"] if r["reason"] is None else r["reason"]
+            tally[key] = tally.get(key, 0) + r["n"]
+        counts = {True: sum(by_label.values()), False: sum(by_reason.values())}
         if counts[True] + counts[False] != rows_in:  # counted apart, before anything is written
             raise PipelineError(f"score lost or duplicated rows: {rows_in} rows in, {counts[True]} scored + {counts[False]} "
                                 f"rejected for {date}; nothing was written, the date keeps its previous result")
@@ -492,6 +497,7 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
         "scored": counts.get(True, 0),
         "rejected": counts.get(False, 0),
         "rejects_by_reason": dict(sorted(by_reason.items())),
+        "predictions_by_label": dict(sorted(by_label.items())),
         "seconds": round(time.time() - t0, 3),
     }
     record = {**summary, "config": cfg.to_dict()}  # the resolved config travels with every output
