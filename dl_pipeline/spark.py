@@ -19,6 +19,7 @@ _LOCAL_DEFAULTS = {
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.session.timeZone": "UTC",
     "spark.ui.enabled": "false",
+    # Spark's own stage progress bar (one line, redrawn) where a person watches: see get_spark.
     "spark.ui.showConsoleProgress": "false",
     "spark.sql.shuffle.partitions": "8",
     # Scoring overwrites one dt=... partition per run, never the whole table.
@@ -43,6 +44,13 @@ def _worker_daemon_conf(python: str) -> dict[str, str]:
     except (OSError, subprocess.TimeoutExpired):
         ok = False
     return {"spark.python.daemon.module": "dl_pipeline.pyworker"} if ok else {}
+
+
+def _quiet_jvm_conf() -> dict[str, str]:
+    """The JVMs of a session we start log warnings and errors only (``log4j2.properties`` beside
+    this module), without Spark's start-up banner; set either key in ``spark.conf`` to keep yours."""
+    opt = "-Dlog4j2.configurationFile=file:" + os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
+    return {"spark.driver.extraJavaOptions": opt, "spark.executor.extraJavaOptions": opt}
 
 
 def active_session():
@@ -75,7 +83,10 @@ def get_spark(cfg: SparkConfig | None = None):
         # Executors must run the same interpreter (and venv) as the driver.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.master(master).appName(cfg.app_name)
-    settings = {**_LOCAL_DEFAULTS, **_worker_daemon_conf(cfg.conf.get("spark.pyspark.python", os.environ["PYSPARK_PYTHON"]))} if master.startswith("local") else {}
+    settings = {**_LOCAL_DEFAULTS, **_quiet_jvm_conf(),
+                **_worker_daemon_conf(cfg.conf.get("spark.pyspark.python", os.environ["PYSPARK_PYTHON"]))} if master.startswith("local") else {}
+    if settings and sys.stderr.isatty():
+        settings["spark.ui.showConsoleProgress"] = "true"
     settings.update(cfg.conf)
     for key, value in settings.items():
         builder = builder.config(key, value)
