@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-import uuid
 from typing import Any
 
 from dl_pipeline import fsutil
@@ -58,42 +58,63 @@ def log_bundle_model(bundle_dir: str, config: dict[str, Any], registered_name: s
         model_config=model_config,
         signature=ModelSignature(inputs=inputs, outputs=outputs),
         input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy", "pandas", "PyYAML", "fsspec"],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy", "pandas", "PyYAML", "fsspec",
+                          "Pillow"],
         registered_model_name=registered_name or None,
     )
 
 
 def resolve_bundle(path: str, cache_url: str) -> str:
     """``score.model_path`` -> a bundle every executor can read. A bundle path is returned as is;
-    a ``models:/<name>/<version>``, ``models:/<name>@<alias>`` or ``runs:/`` URI is resolved
-    through MLflow (MLFLOW_TRACKING_URI / the registry URI) and its bundle copied once to
+    a ``models:/<name>/<version>``, ``models:/<name>@<alias>`` or ``runs:/<run id>/model`` URI is
+    resolved through MLflow (MLFLOW_TRACKING_URI / the registry URI) and its bundle copied once to
     ``<cache_url>/<model version>`` (the score output's ``_models``), so executors on other
     machines read it without MLflow credentials."""
     if not is_model_uri(path):
         return path
     try:
         import mlflow
-        from mlflow.exceptions import MlflowException
     except ImportError:
         raise UserError(f"score.model_path={path}: an MLflow model URI needs mlflow: pip install mlflow-skinny") from None
     local = tempfile.mkdtemp(prefix="dlp-mlflow-model-")
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=path, dst_path=local)
-    except MlflowException as exc:
-        first = str(exc.message).splitlines()[0][:300]
-        raise UserError(f"score.model_path={path}: {first} (check the model name, version or alias, and MLFLOW_TRACKING_URI)") from None
-    bundle = _bundle_dir(local)
-    if not bundle or not os.path.exists(os.path.join(bundle, "versions.json")):
-        raise UserError(f"score.model_path={path}: not a dl_pipeline model (no 'bundle' artifact in its MLmodel); log one with "
-                        "`dl-pipeline train` and train.mlflow_tracking_uri set")
-    with open(os.path.join(bundle, "versions.json")) as fh:
-        version = json.load(fh)["model_version"]
-    target = fsutil.join(cache_url, version)
-    if not fsutil.exists(fsutil.join(target, "versions.json")):
-        fs, dst = fsutil.fs_and_path(fsutil.join(cache_url, f".{version}-{uuid.uuid4().hex[:8]}"))
-        fs.put(bundle, dst, recursive=True)
-        fs.mv(dst, fsutil.fs_and_path(target)[1], recursive=True)  # whole or absent: versions.json is read last
-    return target
+        try:
+            root = mlflow.artifacts.download_artifacts(artifact_uri=path, dst_path=local)
+        except Exception as exc:  # MlflowException, auth, network, storage errors: all the user's to fix
+            first = (" ".join(str(getattr(exc, "message", exc)).split()) or type(exc).__name__)[:300]
+            raise UserError(f"score.model_path={path}: {first} (check the model name, version or alias, and "
+                            "MLFLOW_TRACKING_URI)") from None
+        bundle = _bundle_dir(root)
+        version = _model_version(bundle) if bundle else None
+        if not version:
+            raise UserError(f"score.model_path={path}: not a dl_pipeline model (no 'bundle' artifact in its MLmodel); log one "
+                            "with `dl-pipeline train` and train.mlflow_tracking_uri set")
+        target = fsutil.join(cache_url, version)
+        if not fsutil.exists(fsutil.join(target, "versions.json")):
+            _copy_bundle(bundle, target)
+        return target
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _model_version(bundle: str) -> str | None:
+    try:
+        with open(os.path.join(bundle, "versions.json")) as fh:
+            return json.load(fh)["model_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _copy_bundle(bundle: str, target_url: str) -> None:
+    """Copy a local bundle folder to ``target_url`` (any filesystem), ``versions.json`` last: the
+    cache counts a bundle as whole once that file is there. A partial copy left by a crash is
+    written over; two runs copying the same version write the same bytes."""
+    from dl_pipeline.bundle import FILES
+
+    fs, dst = fsutil.fs_and_path(target_url)
+    fs.makedirs(dst, exist_ok=True)
+    for name in sorted(FILES, key=lambda f: f == "versions.json"):
+        fs.put_file(os.path.join(bundle, name), f"{dst.rstrip('/')}/{name}")
 
 
 def _bundle_dir(model_dir: str) -> str | None:

@@ -35,7 +35,8 @@ class BundleModel(PythonModel):
             pdf = pd.DataFrame({"content": list(model_input[cfg.get("image_column", "image")]), "reason": [None] * n})
         else:
             cols = list(cfg.get("text_columns") or model_input.columns)
-            fields = model_input[cols].astype(object).where(model_input[cols].notna(), None)
+            given = model_input.reindex(columns=cols)  # a column left out is an empty field, as in a CSV row
+            fields = given.astype(object).where(given.notna(), None)
             pdf = pd.DataFrame({"parts": fields.values.tolist(), "reason": [None] * n})
         cleaning = bundle.featurizer.get("cleaning", {})
         _, scored = score_frame(bundle, pdf, int(cfg.get("batch_size", 1024)), 0, int(cleaning.get("max_text_chars", 200_000)),

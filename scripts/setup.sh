@@ -18,20 +18,6 @@ esac
 stamp="$VENV/.setup-stamp"
 want=$(cat "${reqs[@]}" "$lock" setup.py scripts/setup.sh scripts/build_horovod.sh | sha256sum | cut -c1-16)
 
-# Headless Chromium renders report.html in the report test (a system package, best effort:
-# without it that one test is skipped, and says so).
-if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && command -v apt-get >/dev/null \
-   && [ "$(id -u)" = 0 ]; then
-  clog=$(mktemp "${TMPDIR:-/tmp}/dl_pipeline-setup-chromium.XXXXXX")
-  if { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
-       || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }; } >"$clog" 2>&1; then
-    echo "setup: chromium (system package, for the report test)"
-    rm -f "$clog"
-  else
-    echo "setup: chromium could not be installed (apt-get; see $clog): the report's browser test will be skipped"
-  fi
-fi
-
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "$probe" 2>/dev/null; then
   echo "setup: $VENV ($STACK stack) is up to date"
   exit 0
@@ -50,6 +36,20 @@ step() {
   fi
   echo "setup: $what ($((SECONDS - t0)) s)"
 }
+
+# Headless Chromium renders report.html in the report test (a system package, best effort:
+# without it that one test is skipped, and says so).
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null && command -v apt-get >/dev/null \
+   && [ "$(id -u)" = 0 ]; then
+  clog=$(mktemp "${TMPDIR:-/tmp}/dl_pipeline-setup-chromium.XXXXXX")
+  if { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+       || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }; } >"$clog" 2>&1; then
+    echo "setup: chromium (system package, for the report test)"
+    rm -f "$clog"
+  else
+    echo "setup: chromium could not be installed (apt-get; see $clog): the report's browser test will be skipped"
+  fi
+fi
 
 command -v "$PYTHON" >/dev/null || { echo "setup: $PYTHON not found; set PYTHON=/path/to/python3.11" >&2; exit 2; }
 command -v java >/dev/null || { echo "setup: java not found; Spark needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 2; }

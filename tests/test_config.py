@@ -103,6 +103,7 @@ def test_recipe_batch_lr_and_epochs_follow_the_data_size():
                                                         "early_stopping_patience": 0, "label_smoothing": 0.0}).train, 96)
     assert (user.batch_size, user.epochs, user.lr, user.patience, user.label_smoothing) == (512, 3, 0.1, 0, 0.0)
     assert resolve("cnn", Config().train, 96).lr == 0.001  # the rule is fastText's: the CNNs keep their LR
+    assert resolve("fasttext", replace(Config(), train={"batch_size": 2048}).train, 96).lr == 0.02  # a set batch keeps it
 
 
 def test_replace_and_json_roundtrip():

@@ -93,8 +93,8 @@ def test_registered_model_scores_like_the_bundle_through_models_uris_and_spark_u
     (tmp_path / "input.csv").write_text("".join(lines) + '"1","",""\n')  # and a row with no text: rejected alike
     bundle = os.path.join(cfg.train.run_dir, "model")
     base, by_bundle = _scores(spark, cfg, bundle, tmp_path / "by_bundle")
-    for uri in ("models:/dlp-news/1", "models:/dlp-news@champion"):
-        summary, by_uri = _scores(spark, cfg, uri, tmp_path / uri.split("/")[-1].replace("@", "at-"))
+    for i, uri in enumerate(("models:/dlp-news/1", "models:/dlp-news@champion", f"runs:/{record['run_id']}/model")):
+        summary, by_uri = _scores(spark, cfg, uri, tmp_path / f"by_uri{i}")
         assert summary["model_uri"] == uri and summary["model_version"] == base["model_version"]
         assert (summary["scored"], summary["rejected"]) == (base["scored"], base["rejected"]) == (300, 1)
         assert by_uri["prediction"].tolist() == by_bundle["prediction"].tolist()

@@ -673,3 +673,13 @@ def test_recipe_label_smoothing_and_patience_reach_the_ranks_and_the_loss(small_
     losses = [train_one_epoch(Sure(), torch.optim.SGD([torch.nn.Parameter(torch.zeros(()))], lr=0.0), batches, 1, 0,
                               lambda step: 0.0, torch.device("cpu"), label_smoothing=ls)["loss_sum"] / 4 for ls in (0.0, 0.1)]
     assert losses[0] < 1e-6 and losses[1] > 1.0  # 0.1 x 3/4 of the mass on labels 50 logits below
+
+
+def test_resume_under_another_plan_is_one_line(small_uneven, tmp_path):
+    """A checkpoint resumes only under the plan it was cut by (steps per epoch, epochs, batch,
+    ranks): the recipe sizes them from the data, so a silent change would move the LR schedule."""
+    base = {"launcher": "local", "epochs": 1, "steps_per_epoch": 5, "run_dir": str(tmp_path / "run"), "progress": False}
+    train_model(replace(small_uneven, train=base))
+    with pytest.raises(UserError, match=r"written by a run with epochs 1, this run has 2: .*--set train.epochs=1"):
+        train_model(replace(small_uneven, train={**base, "epochs": 2, "resume": True}))
+    assert train_model(replace(small_uneven, train={**base, "resume": True}))["epochs_run"] == 1  # the same plan resumes

@@ -73,9 +73,22 @@ def describe(run_dir: str) -> str:
     return f"last checkpoint: step {state['global_step']} (epoch {state['epoch']}) in {path}"
 
 
-def check(run_dir: str) -> str | None:
+# A run's plan (what its schedule is cut by) -> the key that sets it, for the resume check.
+PLAN_KEYS = {"steps_per_epoch": "train.steps_per_epoch", "epochs": "train.epochs", "batch_size": "train.batch_size",
+             "world_size": "train.num_proc"}
+
+
+def plan_of(spec) -> dict[str, int]:
+    """What a RankSpec's step numbering and LR schedule depend on; a checkpoint resumes only
+    under the same plan (the recipe sizes these from the data, so a changed dataset, world size
+    or version could otherwise move the schedule under a resumed run)."""
+    return {k: int(getattr(spec, k)) for k in PLAN_KEYS}
+
+
+def check(run_dir: str, plan: dict[str, int] | None = None) -> str | None:
     """Driver-side check before ``--resume``: the latest checkpoint's path if there is one of
-    ours, None if there is none; UserError for anything else (e.g. a pickle ``latest.pt``)."""
+    ours, None if there is none; UserError for anything else (e.g. a pickle ``latest.pt``, or a
+    checkpoint written under another ``plan``)."""
     for name in LEGACY:
         if os.path.exists(_path(run_dir, name)):
             raise UserError(f"{_path(run_dir, name)}: a pickle checkpoint (it could run code when loaded), refused; "
@@ -83,7 +96,12 @@ def check(run_dir: str) -> str | None:
     path = _path(run_dir, LATEST)
     if not os.path.exists(path):
         return None
-    _read(path)
+    _, meta = _read(path)
+    saved = (meta.get("state") or {}).get("plan")
+    for key, setting in PLAN_KEYS.items():
+        if plan and saved and key in saved and saved[key] != plan[key]:
+            raise UserError(f"{path}: written by a run with {key} {saved[key]}, this run has {plan[key]}: resume with the "
+                            f"same settings (--set {setting}={saved[key]}) or train again without --resume")
     best = _path(run_dir, BEST)
     if os.path.exists(best):
         _read(best)

@@ -214,7 +214,8 @@ def train_model(cfg: Config, spark=None) -> dict[str, Any]:
     n = _world_size(cfg, spark)
     spec = rank_spec(cfg, n)
     if spec.resume:
-        checkpoint.check(spec.run_dir)  # a checkpoint that is not ours stops here, before any rank loads it
+        # a checkpoint that is not ours, or of another plan, stops here, before any rank loads it
+        checkpoint.check(spec.run_dir, checkpoint.plan_of(spec))
     os.makedirs(spec.run_dir, exist_ok=True)
     with open(os.path.join(spec.run_dir, "config.json"), "w") as fh:
         fh.write(cfg.to_json())

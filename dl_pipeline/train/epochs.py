@@ -183,7 +183,8 @@ def run_rank(spec: RankSpec) -> dict[str, Any] | None:
     else:
         stepper = SyncSteps(spec, model, comm, device)
 
-    state = {"epoch": 0, "global_step": 0, "best_val_loss": float("inf"), "bad_epochs": 0, "history": []}
+    state = {"epoch": 0, "global_step": 0, "best_val_loss": float("inf"), "bad_epochs": 0, "history": [],
+             "plan": checkpoint.plan_of(spec)}
     if spec.resume and comm.is_root:
         loaded = checkpoint.load_latest(spec.run_dir, model, stepper.optimizer)
         if loaded:

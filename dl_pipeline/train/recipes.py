@@ -98,7 +98,8 @@ def resolve(model: str, train, rows_per_rank: int) -> Recipe:
     elif optimizer != r.optimizer:
         lr = DEFAULT_LR[optimizer]
     else:
-        lr = r.lr * (batch / r.batch_size if r.lr_follows_batch else 1.0)
+        # only the batch this rule picked: a batch the user set keeps the recipe's LR (override just that part)
+        lr = r.lr * (batch / r.batch_size if r.lr_follows_batch and not train.batch_size else 1.0)
     steps = train.steps_per_epoch or max(1, rows_per_rank // batch)
     patience = train.early_stopping_patience
     if patience < 0:
