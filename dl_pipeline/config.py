@@ -270,6 +270,9 @@ class ScoreConfig:
     output_format: str = "parquet"
     image_column: str = "image"
     max_image_bytes: int = 16 << 20  # larger encoded images are rejected (image_too_large), never read
+    # A date's lock older than this is a lost run's (its machine gone) and is taken over; keep it
+    # above the longest run (the bundle's job times out after 4 h). 0 = only a dead local process's.
+    stale_lock_after_s: int = 6 * 3600
 
     def __post_init__(self) -> None:
         _one_of("score", "input_format", self.input_format, ("zhang_csv", "csv", "json", "parquet", "image_files"))
@@ -278,6 +281,7 @@ class ScoreConfig:
         _require(self.batch_size >= 1, "score.batch_size must be >= 1")
         _require(self.max_records_per_batch >= 1, "score.max_records_per_batch must be >= 1")
         _require(self.top_k >= 0, "score.top_k must be >= 0")
+        _require(self.stale_lock_after_s >= 0, "score.stale_lock_after_s must be >= 0 seconds (0 = never by age)")
 
 
 @dataclass(frozen=True)

@@ -88,12 +88,14 @@ def write_text_atomic(url: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(url: str, owner: dict[str, Any], describe: str):
+def exclusive_lock(url: str, owner: dict[str, Any], describe: str, stale_after_s: float = 0):
     """Hold the lock file ``url`` (created exclusively; its JSON names ``owner``) for the block.
 
     Held by another run: UserError naming the holder, unless that holder is a process of this
-    host that no longer exists (killed with no clean-up), whose lock is taken over. ``describe``
-    names what the lock guards, for the message. Removed on exit, also after an exception."""
+    host that no longer exists (killed with no clean-up), or, with ``stale_after_s``, its
+    ``started`` (ISO time) is older than that: a run lost with its machine (a job cluster's driver)
+    leaves its lock behind, and a scheduler's retry runs elsewhere. Either is taken over.
+    ``describe`` names what the lock guards, for the message. Removed on exit, also after an exception."""
     fs, path = fs_and_path(url)
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     doc = json.dumps({**owner, "host": socket.gethostname(), "pid": os.getpid()})
@@ -107,8 +109,9 @@ def exclusive_lock(url: str, owner: dict[str, Any], describe: str):
                 holder = json.loads(read_text(url))
             except (OSError, ValueError):
                 holder = {}
-            if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0))):
-                fs.rm(path)  # its run was killed; the outputs it was replacing kept their previous state
+            dead = holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", 0)))
+            if dead or (stale_after_s and _age_s(holder.get("started")) > stale_after_s):
+                fs.rm(path)  # its run was killed or lost; the outputs it was replacing kept their previous state
                 continue
             raise UserError(f"{describe} is running already (lock {url}: {holder.get('host', '?')} pid {holder.get('pid', '?')}, "
                             f"started {holder.get('started', '?')}); wait for it, or delete the lock if that run is gone") from None
@@ -118,6 +121,16 @@ def exclusive_lock(url: str, owner: dict[str, Any], describe: str):
         yield
     finally:
         fs.rm(path)
+
+
+def _age_s(started: Any) -> float:
+    """Seconds since an ISO time with a zone (a lock's ``started``); 0 when it cannot be read."""
+    import datetime as dt
+
+    try:
+        return (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(str(started))).total_seconds()
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _alive(pid: int) -> bool:

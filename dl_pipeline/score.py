@@ -401,7 +401,8 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     try:
         # two runs of one date would interleave their replacements of the partition: one at a time
-        with fsutil.exclusive_lock(lock, {"started": started, "model_version": bundle.version}, f"score for {date}"):
+        with fsutil.exclusive_lock(lock, {"started": started, "model_version": bundle.version}, f"score for {date}",
+                                   stale_after_s=s.stale_lock_after_s):
             return _score_date(spark, cfg, bundle, kind, date, in_path, t0, model_uri)
     finally:
         if before is None:

@@ -566,3 +566,31 @@ def test_a_driver_killed_while_writing_keeps_or_finishes_a_whole_result(spark, a
     assert len(_partition(out, date)) == 30 and len(pq.read_table(f"{out}/_rejects/dt={date}")) == 3
     assert not journal.exists() and not (out / "_staging" / date).exists()
     assert spark.read.parquet(str(out)).count() == 30
+
+
+def test_a_lock_lost_with_another_machine_is_taken_over_once_stale(tmp_path):
+    """A job cluster's driver that dies leaves its date's lock, and the scheduler's retry runs on
+    another machine: a lock older than score.stale_lock_after_s is taken over, a fresh one is not."""
+    import datetime as dt
+
+    from dl_pipeline.errors import UserError
+    from dl_pipeline.fsutil import exclusive_lock
+
+    lock = tmp_path / "_runs" / "2026-12-01.lock"
+    lock.parent.mkdir()
+
+    def held_since(hours):
+        started = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=hours)).isoformat(timespec="seconds")
+        lock.write_text(json.dumps({"host": "a-lost-driver", "pid": 4242, "started": started}))
+
+    held_since(0.1)
+    with pytest.raises(UserError, match="score for 2026-12-01 is running already .*a-lost-driver pid 4242"):
+        with exclusive_lock(str(lock), {"started": "now"}, "score for 2026-12-01", stale_after_s=6 * 3600):
+            pass
+    held_since(7)
+    with pytest.raises(UserError, match="is running already"):  # 0: never by age
+        with exclusive_lock(str(lock), {"started": "now"}, "score for 2026-12-01", stale_after_s=0):
+            pass
+    with exclusive_lock(str(lock), {"started": "now"}, "score for 2026-12-01", stale_after_s=6 * 3600):
+        assert json.loads(lock.read_text())["host"] != "a-lost-driver"  # ours now
+    assert not lock.exists()
