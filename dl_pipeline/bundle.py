@@ -117,6 +117,7 @@ def load_bundle(path: str, device: str = "cpu") -> Bundle:
                 docs[f] = json.loads(fsutil.read_text(fsutil.join(url, f)))
             except (ValueError, UnicodeDecodeError) as exc:
                 raise UserError(f"{path}/{f}: not valid JSON ({exc}); re-export the bundle with `dl-pipeline train`") from None
+    check_featurizer(path, docs["featurizer.json"], docs["versions.json"])
     fs, p = fsutil.fs_and_path(fsutil.join(url, "model.safetensors"))
     with fs.open(p, "rb") as fh:
         blob = fh.read()
@@ -136,3 +137,17 @@ def load_bundle(path: str, device: str = "cpu") -> Bundle:
         raise UserError(f"{path}/model.safetensors: the weights do not match model.json ({detail})") from None
     model.to(device).eval()
     return Bundle(model, docs["model.json"], docs["featurizer.json"], docs["labels.json"], docs["metrics.json"], docs["versions.json"])
+
+
+def check_featurizer(path: str, featurizer: dict[str, Any], versions: dict[str, Any]) -> None:
+    """A bundle scores only where this code computes its features exactly as training saw them:
+    the featurizer version (features.FEATURIZER_VERSION, raised whenever hashing, tokenizing or
+    quantizing changes) must be this code's, or every prediction would be silently wrong."""
+    from dl_pipeline.features import FEATURIZER_VERSION
+
+    have = featurizer.get("version")
+    if have != FEATURIZER_VERSION:
+        made_by = versions.get("dl_pipeline", "?")
+        raise UserError(f"{path}/featurizer.json: featurizer version {have}, but this dl_pipeline computes version "
+                        f"{FEATURIZER_VERSION}: score with dl_pipeline {made_by} (which trained it), or re-run prepare and "
+                        "train with this one")

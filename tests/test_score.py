@@ -445,6 +445,9 @@ def test_score_settings_are_checked_at_start_and_the_session_is_left_as_it_was(s
     ("not_safetensors", "model.safetensors: not a safetensors file"),
     ("other_weights", "model.safetensors: the weights do not match model.json"),
     ("bad_json", "labels.json: not valid JSON"),
+    # features computed another way would score every row wrong, silently: refused by version
+    ("other_featurizer", "featurizer.json: featurizer version 99, but this dl_pipeline computes version 1: score with "
+                         "dl_pipeline 0.1.0"),
 ])
 def test_a_broken_bundle_is_one_line_exit_2_before_any_spark_job(ag_model, tmp_path, damage, message):
     from safetensors.torch import load_file, save_file
@@ -458,6 +461,9 @@ def test_a_broken_bundle_is_one_line_exit_2_before_any_spark_job(ag_model, tmp_p
         state = load_file(str(bundle / "model.safetensors"))
         state["fc.weight"] = state["fc.weight"][:2]  # a 2-class head under a 4-class model.json
         save_file(state, str(bundle / "model.safetensors"))
+    elif damage == "other_featurizer":
+        doc = json.loads((bundle / "featurizer.json").read_text())
+        (bundle / "featurizer.json").write_text(json.dumps({**doc, "version": 99}))
     else:
         (bundle / "labels.json").write_text("{not json")
     out = subprocess.run([sys.executable, "-m", "dl_pipeline.cli", "score", "--set", f"score.model_path={bundle}",
