@@ -310,6 +310,7 @@ def test_mlflow_logs_params_metrics_and_bundle_when_configured(small_uneven, tmp
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["model.name"] == "fasttext" and run.data.params["train.epochs"] == "2"
+    assert run.data.params["train.label_smoothing"] == "-1.0" and run.data.params["resolved.label_smoothing"] == "0.1"
     assert 0 < run.data.metrics["final_test_accuracy"] <= 1 and "final_val_loss" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     assert len(client.get_metric_history(run.info.run_id, "data_wait_fraction_per_rank_rank0")) == 2

@@ -107,6 +107,10 @@ def _scalars(record: dict, skip=()) -> dict:
     return out
 
 
+RESOLVED_PARAMS = ("epochs", "batch_size", "optimizer", "peak_lr", "lr_schedule", "warmup_steps", "label_smoothing",
+                   "early_stopping_patience", "steps_per_epoch", "world_size")
+
+
 def log_to_mlflow(spec, metrics: dict) -> str | None:
     """Log params, per-epoch and final metrics and the bundle, as a pyfunc model defined from code
     (``mlflow_io.log_bundle_model``; registered as ``train.mlflow_registered_model`` when set), to
@@ -132,6 +136,8 @@ def log_to_mlflow(spec, metrics: dict) -> str | None:
         mlflow.set_experiment(spec.mlflow_experiment)
         with mlflow.start_run() as run:
             params = _flat("", {k: spec.config[k] for k in ("model", "train", "features", "hogwild") if k in spec.config})
+            # what the recipe resolved the "auto" keys (-1, 0) to: the values this run trained with
+            params.update({f"resolved.{k}": getattr(spec, k) for k in RESOLVED_PARAMS})
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             for h in metrics["history"]:
                 mlflow.log_metrics(_scalars(h, skip=("type", "epoch", "step")), step=h["step"])
