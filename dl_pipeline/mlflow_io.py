@@ -58,7 +58,7 @@ def log_bundle_model(bundle_dir: str, config: dict[str, Any], registered_name: s
         model_config=model_config,
         signature=ModelSignature(inputs=inputs, outputs=outputs),
         input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy", "pandas", "PyYAML", "fsspec",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy", "numba", "pandas", "PyYAML", "fsspec",
                           "Pillow"],
         registered_model_name=registered_name or None,
     )

@@ -311,7 +311,7 @@ def _dataset_writer(spec: dict[str, Any], root: str, arrow_schema, inject_failur
         def flush():
             for split, pieces in sorted(pending.items()):
                 rows = pa.Table.from_batches(pieces)
-                columns = features.encoded_features(rows.column("value").to_pandas(), spec)
+                columns = features.encoded_features(rows.column("value"), spec)
                 table = pa.table({"row_id": rows.column("row_id"), "label": rows.column("label"), **columns}, schema=arrow_schema)
                 name = f"part-{pending_group:05d}.parquet"
                 dataset.write_row_group(fsutil.join(root, split, name), table)

@@ -4,12 +4,11 @@ import zlib
 import numpy as np
 import pytest
 
+from dl_pipeline import text_kernel
 from dl_pipeline.config import DataConfig, FeaturesConfig
 from dl_pipeline.features import (
-    BLOCK_ROWS,
     clean_record,
     clean_text,
-    crc32_spans,
     featurize_texts,
     hash_token_words,
     hash_tokens,
@@ -104,23 +103,14 @@ def test_hash_tokens_ascii_path_splits_every_character_like_the_regex():
     # The numpy tokenizer classifies bytes itself: check each ASCII character between words,
     # doubled, at both ends of a row, and tokens around the 2-byte CRC steps and the zlib cutoff.
     spec = text_spec(FeaturesConfig(max_tokens=64, hash_buckets=1 << 20), DataConfig())
-    texts = [f"{c}ab{c}cd{c}{c}E_f9{c}" for c in map(chr, range(128))]
+    # Repeated 9 times a row is 99+ bytes: the kernel's 64-byte block classifier, then its tail.
+    texts = [f"{c}ab{c}cd{c}{c}E_f9{c}" * k for c in map(chr, range(128)) for k in (1, 9)]
     texts += ["a" * n + " b" for n in (1, 2, 3, 31, 32, 33, 64, 255, 256, 300)] + ["", " ", "\n\n"]
     ids, lengths = hash_tokens(texts, spec)
     ref_ids, ref_lengths, _ = _reference_hash_tokens(texts, spec)
     for i, text in enumerate(texts):
         assert ids[i].tolist() == ref_ids[i].tolist(), repr(text)
     assert lengths.tolist() == ref_lengths.tolist()
-
-
-def test_crc32_spans_equals_zlib():
-    rng = np.random.default_rng(0)
-    buf = rng.integers(0, 256, 5000, dtype=np.uint8)
-    lengths = rng.integers(0, 300, 400)
-    starts = rng.integers(0, 5000 - 300, 400)
-    got = crc32_spans(buf, starts, lengths)
-    raw = buf.tobytes()
-    assert got.tolist() == [zlib.crc32(raw[s : s + n]) for s, n in zip(starts, lengths, strict=True)]
 
 
 def test_quantize_chars_batch_equals_row_by_row_definition():
@@ -133,16 +123,74 @@ def test_quantize_chars_batch_equals_row_by_row_definition():
             assert row.tolist() == (codes[::-1] if reverse else codes) + [0] * (12 - len(codes)), repr(text)
 
 
-def test_featurize_texts_in_blocks_equals_row_by_row():
-    spec = text_spec(FeaturesConfig(char_length=16, max_tokens=8, hash_buckets=1000), DataConfig())
-    words = ["Stocks", "rose", "on", "Monday,", "école", "AT&T", "ﬁne", "!"]
-    texts = [" ".join(words[j % len(words)] for j in range(i % 11)) for i in range(2 * BLOCK_ROWS + 3)]
+def _reference_chars(texts, spec):
+    """The definition: the first L characters of the lower-cased text (lower-casing a 2L
+    prefix: it may lengthen it), as alphabet indices, reversed if asked, 0-padded."""
+    cs = spec["chars"]
+    table = {c: i for i, c in reversed(list(enumerate(cs["alphabet"], start=1)))}
+    out = np.zeros((len(texts), cs["length"]), np.uint8)
+    for i, text in enumerate(texts):
+        codes = [table.get(c, 0) for c in text[: 2 * cs["length"]].lower()[: cs["length"]]]
+        out[i, : len(codes)] = codes[::-1] if cs["reverse"] else codes
+    return out
+
+
+def _random_texts(rng, n):
+    """Rows that exercise every path: ASCII (runs over the kernel's 64-byte blocks and the token
+    cut), 2- and 3-byte UTF-8, characters whose lower case is two code points ('İ'), final
+    sigma, and astral emoji (rows the kernel leaves to Python)."""
+    pieces = (list("abcXYZ019_ .,;'!?-") + ["\t", "\n", "\x1c", "\x7f", "é", "ß", "Ü", "Ж", "中文", "？", "　", "\u00a0",
+              "İ", "ΟΔΟΣ", "😀", "ǅ", "ﬁ", "Σ"])
+    texts = []
+    for i in range(n):
+        k = int(rng.integers(0, 400))
+        weights = rng.dirichlet(np.ones(len(pieces)) * 0.3)
+        if i % 2:  # half the rows ASCII only (the kernel's other path)
+            weights[[j for j, p in enumerate(pieces) if not p.isascii()]] = 0
+            weights /= weights.sum()
+        texts.append("".join(rng.choice(pieces, size=k, p=weights)))
+    return texts
+
+
+@pytest.mark.parametrize("char_length, max_tokens, ngrams, reverse", [(16, 8, 2, True), (70, 300, 2, False), (1014, 256, 1, True)])
+def test_compiled_featurizer_equals_the_definition_row_by_row(char_length, max_tokens, ngrams, reverse):
+    spec = text_spec(FeaturesConfig(char_length=char_length, max_tokens=max_tokens, ngrams=ngrams, hash_buckets=997,
+                                    reverse_chars=reverse), DataConfig())
+    texts = _random_texts(np.random.default_rng(char_length), 600) + ["", "a" * 70 + " b" * 80, "x " * 5000, None]
     feats = featurize_texts(texts, spec)
-    assert feats["chars"].shape == (len(texts), 16) and feats["tokens"].shape == (len(texts), 8)
-    for i in (0, 1, BLOCK_ROWS - 1, BLOCK_ROWS, BLOCK_ROWS + 1, 2 * BLOCK_ROWS + 2):
-        alone = featurize_texts([texts[i]], spec)
-        for name in ("chars", "tokens", "length"):
-            assert feats[name][i].tolist() == alone[name][0].tolist(), (name, i)
+    texts[-1] = ""  # None is an empty row
+    ref_ids, ref_lengths, ref_words = _reference_hash_tokens(texts, spec)
+    ref_chars = _reference_chars(texts, spec)
+    for i, text in enumerate(texts):
+        assert feats["tokens"][i].tolist() == ref_ids[i].tolist(), repr(text)
+        assert feats["chars"][i].tolist() == ref_chars[i].tolist(), repr(text)
+    assert feats["length"].tolist() == ref_lengths.tolist() and feats["words"].tolist() == ref_words.tolist()
+    alone = featurize_texts(texts[:50], spec)  # a row's features do not depend on its batch
+    assert all(np.array_equal(alone[k], feats[k][:50]) for k in alone)
+
+
+def test_arrow_strings_give_the_same_features_as_python_strings():
+    import pyarrow as pa
+
+    spec = text_spec(FeaturesConfig(char_length=32, max_tokens=16, hash_buckets=1000), DataConfig())
+    texts = _random_texts(np.random.default_rng(7), 200)
+    expected = featurize_texts(texts, spec)
+    arrow = pa.array([None, *texts, "tail"], pa.string()).slice(1, len(texts))  # a sliced array: offset 1
+    for given in (arrow, pa.chunked_array([arrow[:77], arrow[77:]])):
+        got = featurize_texts(given, spec)
+        assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
+def test_code_point_tables_classify_as_the_regex_does():
+    lower, classes = text_kernel.code_point_tables()
+    for c in range(text_kernel.BMP):
+        if 0xD800 <= c < 0xE000:
+            continue
+        ch = chr(c)
+        want = 1 if re.fullmatch(r"\w", ch) else 2 if re.fullmatch(r"\s", ch) else 0
+        assert classes[c] == want, hex(c)
+        assert lower[c] == -1 or chr(lower[c]) == ch.lower(), hex(c)
+    assert lower[ord("İ")] == -1 and lower[ord("Σ")] == -1 and lower[ord("A")] == ord("a")
 
 
 def test_list_array_is_a_plain_arrow_list_of_equal_rows():

@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import AG_TEST, ROOT, SAMPLE, paused_pids, read_split
+from conftest import AG_TEST, AG_TRAIN, ROOT, SAMPLE, paused_pids, read_split
 from dl_pipeline.config import replace
-from dl_pipeline.features import clean_record, featurize_texts
+from dl_pipeline.features import clean_record
 from dl_pipeline.score import DROP_ROW_CONF, INJECT_FAILURE_CONF, predict_texts, score_batch
 from dl_pipeline.sources import parse_zhang_line
 
@@ -59,15 +59,37 @@ def test_predictions_equal_in_process_predictions(scored):
     assert runs["rows_in"] == len(_ag_test_rows()) == runs["scored"] + runs["rejected"]
 
 
-def test_features_are_identical_in_prepare_and_score(ag_prepared):
-    """Train/serve parity: the test split's stored tokens equal the score path's features."""
+def test_every_stored_row_has_the_features_score_computes_from_its_raw_line(spark, ag_prepared):
+    """Train/serve parity, row by row: each row prepare stored, in every split (keyed by its
+    row_id, the hash of its cleaned text), holds exactly the chars, tokens, length and words
+    that score's own text path (``_text_batch``: parse, check, clean, featurize) computes from
+    the raw CSV line it came from."""
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    from dl_pipeline.score import _text_batch
+    from dl_pipeline.sources import parse_and_clean_lines
+
     cfg, manifest = ag_prepared
-    split = read_split(cfg.prepare.output_path, "test", ["tokens", "chars"])
-    stored = sorted((t.tobytes(), c.tobytes()) for t, c in zip(split["tokens"], split["chars"], strict=True))
-    texts = [clean_record(parts, ". ") for _, parts, _ in _ag_test_rows()]
-    feats = featurize_texts(texts, manifest["featurizer"])
-    computed = sorted((t.tobytes(), c.tobytes()) for t, c in zip(feats["tokens"], feats["chars"], strict=False))
-    assert len(stored) == 7600 and stored == computed
+    spec = manifest["featurizer"]
+    lines = []
+    for path in (AG_TRAIN, AG_TEST):
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            lines += [line.rstrip("\n") for line in fh]
+    _, reasons, feats = _text_batch(pd.DataFrame({"raw": lines}), spec, cfg.data.max_text_chars, cfg.data.title_separator, 3)
+    parsed = parse_and_clean_lines(lines, 3, cfg.data.title_separator, cfg.data.max_text_chars, reject_invalid_utf8=False)
+    texts = [p[3] for p, r in zip(parsed, reasons, strict=True) if r is None]
+    ids = [r[0] for r in spark.createDataFrame([(t,) for t in texts], "text string")
+           .select(F.lower(F.hex(F.xxhash64("text")))).collect()]
+    names = ("chars", "tokens", "length", "words")
+    computed = {row_id: tuple(feats[n][i].tobytes() for n in names) for i, row_id in enumerate(ids)}
+    checked = 0
+    for split in ("train", "val", "test"):
+        stored = read_split(cfg.prepare.output_path, split, ["row_id", *names])
+        for i, row_id in enumerate(stored["row_id"]):
+            assert tuple(np.asarray(stored[n][i], dtype=feats[n].dtype).tobytes() for n in names) == computed[row_id], (split, i)
+            checked += 1
+    assert checked == sum(manifest["splits"][s]["rows"] for s in ("train", "val", "test")) > 17000
 
 
 def test_rerunning_a_date_replaces_exactly_that_partition(spark, scored):
