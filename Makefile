@@ -32,6 +32,7 @@ dist: setup
 bench: setup
 	$(PY) -m pip install -q -r requirements/bench.txt || echo "bench: fasttext did not install; its reference figure will be null"
 	$(PY) bench/accuracy_bench.py
+	$(PY) bench/featurize_bench.py
 	$(PY) bench/prepare_bench.py
 	$(PY) bench/train_bench.py
 	$(PY) bench/score_bench.py

@@ -15,6 +15,8 @@ import platform
 import random
 import resource
 import sys
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -170,3 +172,66 @@ def fasttext_peer(spark, cfg, workdir: str, epochs: int = 10, repeats: int = 1) 
             "train_rows": rows["train"], "test_rows": n,
             "settings": f"fasttext {fasttext.__version__ if hasattr(fasttext, '__version__') else '0.9.3'}: "
                         f"wordNgrams=2 dim=50 lr=0.5 epoch={epochs} thread=2 (its own tokens: ours, space-joined)"}
+
+
+def _spark_processes() -> dict[str, list[int]]:
+    """pids of this machine's local Spark: the JVM, and the Python worker daemon with its workers."""
+    import glob
+
+    out: dict[str, list[int]] = {"jvm": [], "python_workers": []}
+    for proc in glob.glob("/proc/[0-9]*"):
+        try:
+            cmd = open(proc + "/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"org.apache.spark.deploy.SparkSubmit" in cmd:
+            out["jvm"].append(int(proc[6:]))
+        elif b"pyspark.daemon" in cmd or b"dl_pipeline.pyworker" in cmd:
+            out["python_workers"].append(int(proc[6:]))
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class SparkMemory:
+    """Peak resident memory (MB) of a local Spark run, sampled from /proc every ``interval`` s:
+    the driver's Python process (this one), the JVM (in local mode the driver and the executor
+    are this one JVM), and the executor's Python workers (their sum at any instant, and the
+    largest one). Linux only (zeros elsewhere). Use as a context manager around one run."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.peaks = {"driver_python_mb": 0.0, "jvm_driver_and_executor_mb": 0.0, "executor_python_workers_sum_mb": 0.0,
+                      "executor_python_worker_max_mb": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        procs = _spark_processes()
+        workers = [_rss_mb(p) for p in procs["python_workers"]]
+        now = {"driver_python_mb": _rss_mb(os.getpid()), "jvm_driver_and_executor_mb": sum(_rss_mb(p) for p in procs["jvm"]),
+               "executor_python_workers_sum_mb": sum(workers), "executor_python_worker_max_mb": max(workers, default=0.0)}
+        for k, v in now.items():
+            self.peaks[k] = max(self.peaks[k], round(v, 1))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            time.sleep(self.interval)
+
+    def __enter__(self) -> SparkMemory:
+        if os.path.isdir("/proc/self"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+

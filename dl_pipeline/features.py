@@ -204,8 +204,12 @@ def featurize_texts(texts: Sequence[str | None] | Any, spec: dict[str, Any]) -> 
     object per row or token; a row the kernel cannot take alone (see ``text_kernel``) is
     computed here in Python by the same definition.
     """
-    from dl_pipeline import text_kernel
+    try:
+        from dl_pipeline import text_kernel
+    except ImportError as exc:  # a cluster whose Python lacks numba (e.g. a --no-deps install)
+        from dl_pipeline.errors import UserError
 
+        raise UserError(f"featurization needs numba where it runs (driver and executors): pip install 'numba>=0.59' ({exc})") from None
     data, offsets = _utf8_buffers(texts)
     n = len(offsets) - 1
     cs, ts = spec["chars"], spec["tokens"]

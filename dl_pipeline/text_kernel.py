@@ -20,10 +20,23 @@ table lookup per byte), ids ~0.17 us/row (a remainder by multiplication, not a 6
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 from numba import njit
+from numba.core import caching
 from numba.cpython.unsafe.numbers import trailing_zeros
+
+
+def _cacheable() -> bool:
+    """Whether numba can cache this module's machine code: beside a source file (or wherever
+    NUMBA_CACHE_DIR says), or, for a module inside a zip (``spark-submit --py-files``), in the
+    user's cache directory where this numba has that locator. Elsewhere ``cache=True`` would
+    fail at import, so each process compiles (~4 s) instead."""
+    return os.path.isfile(__file__) or bool(os.environ.get("NUMBA_CACHE_DIR")) or hasattr(caching, "_ZipCacheLocator")
+
+
+_CACHE = _cacheable()
 
 BIGRAM_MULT = 116049371  # fastText's n-gram hash multiplier
 BMP = 1 << 16
@@ -74,7 +87,7 @@ def ascii_tables(alphabet_codes: bytes) -> tuple[np.ndarray, np.ndarray, np.ndar
     return byte_lower, classes[:256].copy(), codes
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=_CACHE, nogil=True, inline="always")
 def _crc32(buf, start, stop, byte_map, table):
     """zlib.crc32 of byte_map[buf[start:stop]], a byte a step (tokens are ~4 bytes: wider steps
     measured no faster)."""
@@ -84,7 +97,7 @@ def _crc32(buf, start, stop, byte_map, table):
     return np.uint64(crc ^ np.uint32(0xFFFFFFFF))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=_CACHE, nogil=True, inline="always")
 def _mod(v, d, inv):
     """v % d for uint64 v and d >= 1, without a 64-bit division (~40 cycles on many CPUs): a
     quotient from float64 (``inv`` = 1/d) is off by a few units at most, and the remainder is
@@ -101,7 +114,7 @@ def _mod(v, d, inv):
     return r
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=_CACHE, nogil=True, inline="always")
 def _put_utf8(buf, k, c):
     """Append code point ``c`` (< U+10000, not a surrogate) to buf at k as UTF-8; returns the new k."""
     if c < 0x80:
@@ -117,7 +130,7 @@ def _put_utf8(buf, k, c):
     return k + 3
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=_CACHE, nogil=True)
 def place_grams(ids_row, hashes, count, buckets, ngrams):
     """One row's token hashes (uint64 [>= min(count, T + 1)], ``count`` tokens) -> ids_row int32
     [T]: unigram ids ``1 + h mod buckets`` in columns 0.., then bigram ids
@@ -141,7 +154,7 @@ def place_grams(ids_row, hashes, count, buckets, ngrams):
     return length, words
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=_CACHE, nogil=True)
 def place_chars(chars_row, codes, n, reverse):
     """The first ``n`` alphabet codes of a row -> chars_row uint8 [L], reversed if asked, 0-padded."""
     for p in range(n):
@@ -149,7 +162,7 @@ def place_chars(chars_row, codes, n, reverse):
     chars_row[n:] = 0
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=_CACHE, nogil=True, inline="always")
 def _is_ascii(data, start, stop):
     acc = np.uint8(0)
     for q in range(start, stop):
@@ -157,7 +170,7 @@ def _is_ascii(data, start, stop):
     return acc < 0x80
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=_CACHE, nogil=True, inline="always")
 def _class_masks64(data, q0):
     """64 ASCII bytes from q0 -> (word mask, punctuation mask), bit k for byte q0 + k. The
     classes by arithmetic (``\\w``: 0-9 A-Z a-z _; ``\\s``: \\t-\\r, \\x1c-\\x1f, space; the
@@ -174,7 +187,7 @@ def _class_masks64(data, q0):
     return wm, pm
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=_CACHE, nogil=True)
 def _ascii_token_bounds(data, p, stop, byte_class, starts, ends):
     """Tokens of the ASCII bytes data[p:stop] -> their bounds in starts/ends; returns the count.
 
@@ -214,7 +227,7 @@ def _ascii_token_bounds(data, p, stop, byte_class, starts, ends):
     return ns
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=_CACHE, nogil=True)
 def _ascii_row(data, p, end, byte_lower, byte_class, byte_code, crc, reverse, token_chars, chars_row, hashes,
                max_tokens, starts, ends):
     """An ASCII row (bytes are characters): codes into chars_row (all of it), token hashes into
@@ -236,7 +249,7 @@ def _ascii_row(data, p, end, byte_lower, byte_class, byte_code, crc, reverse, to
     return nt
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=_CACHE, nogil=True)
 def _unicode_row(data, p, end, lower, classes, char_table, crc, identity, reverse, token_chars, chars_row,
                  hashes, max_tokens, codes, word):
     """Any row, decoded from UTF-8 one code point at a time (as ``_ascii_row``, through the
@@ -292,7 +305,7 @@ def _unicode_row(data, p, end, lower, classes, char_table, crc, identity, revers
     return ntok
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=_CACHE, nogil=True)
 def featurize_utf8(data, offsets, lower, classes, char_table, byte_lower, byte_class, byte_code, crc, reverse,
                    token_chars, buckets, ngrams, chars_out, ids_out, lengths_out, words_out, fallback_out):
     """Rows ``data[offsets[i]:offsets[i + 1]]`` -> chars_out[i] (if it has columns), ids_out[i],
