@@ -27,6 +27,15 @@ from dl_pipeline.errors import UserError
 FILES = ("model.safetensors", "model.json", "featurizer.json", "labels.json", "metrics.json", "versions.json")
 
 
+def model_version_at(path: str) -> str | None:
+    """The model version a local bundle folder's ``versions.json`` records, or None if it has none."""
+    try:
+        with open(os.path.join(path, "versions.json")) as fh:
+            return json.load(fh)["model_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass
 class Bundle:
     model: Any  # torch.nn.Module, eval mode

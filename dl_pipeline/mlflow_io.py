@@ -85,7 +85,9 @@ def resolve_bundle(path: str, cache_url: str) -> str:
             raise UserError(f"score.model_path={path}: {first} (check the model name, version or alias, and "
                             "MLFLOW_TRACKING_URI)") from None
         bundle = _bundle_dir(root)
-        version = _model_version(bundle) if bundle else None
+        from dl_pipeline.bundle import model_version_at
+
+        version = model_version_at(bundle) if bundle else None
         if not version:
             raise UserError(f"score.model_path={path}: not a dl_pipeline model (no 'bundle' artifact in its MLmodel); log one "
                             "with `dl-pipeline train` and train.mlflow_tracking_uri set")
@@ -95,14 +97,6 @@ def resolve_bundle(path: str, cache_url: str) -> str:
         return target
     finally:
         shutil.rmtree(local, ignore_errors=True)
-
-
-def _model_version(bundle: str) -> str | None:
-    try:
-        with open(os.path.join(bundle, "versions.json")) as fh:
-            return json.load(fh)["model_version"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _copy_bundle(bundle: str, target_url: str) -> None:

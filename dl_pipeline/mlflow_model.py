@@ -18,6 +18,8 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from dl_pipeline.mlflow_io import PREDICTION_COLUMNS
+
 
 class BundleModel(PythonModel):
     def load_context(self, context) -> None:
@@ -44,7 +46,7 @@ class BundleModel(PythonModel):
         scored.index = model_input.index
         # "" for a scored row, not None: mlflow.pyfunc.spark_udf casts a string column holding None to "None"
         scored["reason"] = [r or "" for r in scored["reason"]]
-        return scored[["prediction", "label_name", "probability", "reason"]]
+        return scored[[name for name, _ in PREDICTION_COLUMNS]]  # the columns the signature declares
 
 
 mlflow.models.set_model(BundleModel())

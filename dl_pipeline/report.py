@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from dl_pipeline import dataset, fsutil
+from dl_pipeline.bundle import model_version_at
 from dl_pipeline.config import Config
 from dl_pipeline.errors import UserError
 
@@ -45,7 +46,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         with open(os.path.join(run_dir, "metrics.json")) as fh:
             m = json.load(fh)
         out["train"] = {"run_dir": run_dir, "val": m["val"], "test": m["test"], "epochs_run": m["epochs_run"],
-                        "world_size": m["world_size"], "mode": m["mode"], "model_version": _model_version(run_dir),
+                        "world_size": m["world_size"], "mode": m["mode"], "model_version": model_version_at(os.path.join(run_dir, "model")) or "",
                         "history": [{k: h[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy") if k in h}
                                     for h in m.get("history", []) if h.get("type", "epoch") == "epoch"]}
     score_out = cfg.score.output_path
@@ -55,14 +56,6 @@ def collect(cfg: Config) -> dict[str, Any]:
         records = [json.loads(fs.cat(p)) for p in sorted(fs.ls(path, detail=False)) if p.endswith(".json")]
         out["score"] = {"path": score_out, "runs": [{k: r[k] for k in SCORE_KEYS if k in r} for r in records]}
     return out
-
-
-def _model_version(run_dir: str) -> str:
-    try:
-        with open(os.path.join(run_dir, "model", "versions.json")) as fh:
-            return json.load(fh)["model_version"]
-    except (OSError, KeyError, ValueError):
-        return ""
 
 
 def _report_dir(cfg: Config) -> str:
