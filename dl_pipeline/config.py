@@ -99,7 +99,7 @@ class FeaturesConfig:
     def __post_init__(self) -> None:
         _require(self.char_length > 0, "features.char_length must be > 0")
         _require(len(self.alphabet) < 255, "features.alphabet must have fewer than 255 characters")
-        _require(self.hash_buckets > 0, "features.hash_buckets must be > 0")
+        _require(0 < self.hash_buckets < 2**31, "features.hash_buckets must be in 1..2147483647 (ids are int32)")
         _require(self.ngrams in (1, 2), "features.ngrams must be 1 (unigrams) or 2 (unigrams + bigrams)")
         _require(self.max_tokens > 0, "features.max_tokens must be > 0")
 

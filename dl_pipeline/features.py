@@ -1,9 +1,10 @@
 """Text cleaning and featurization: the one implementation shared by prepare and score.
 
-Everything here is plain Python/NumPy over whole batches (pandas Series in, arrays out) so the
-Spark side can run it inside Arrow ``pandas_udf``/``mapInPandas`` and scoring applies exactly the
-transform training saw (train/serve parity). The spec that drives it is a JSON-able dict stored
-in the prepared dataset's manifest and in every model bundle.
+Cleaning is plain Python per field; featurization works on whole batches (a sequence of str or
+an Arrow string array in, numpy arrays out), compiled (``text_kernel``), so the Spark side runs
+it inside Arrow UDFs and scoring applies exactly the transform training saw (train/serve
+parity). The spec that drives it is a JSON-able dict stored in the prepared dataset's manifest
+and in every model bundle.
 
 Features (per row):
   * ``chars``  uint8[char_length]: Zhang et al. (2015) quantization, index 1..len(alphabet),
@@ -228,12 +229,13 @@ def featurize_texts(texts: Sequence[str | None] | Any, spec: dict[str, Any]) -> 
                                bool(cs["reverse"]), 32 * ids.shape[1], buckets, ngrams,
                                chars, ids, lengths, words, fallback)
     for i in np.flatnonzero(fallback):
-        text = texts[i].as_py() if hasattr(texts[i], "as_py") else texts[i]
-        text = text or ""
+        # The row by position, from the buffers the kernel read (a pandas Series indexes by label).
+        text = bytes(data[offsets[i] : offsets[i + 1]]).decode("utf-8")
         if chars.shape[1]:
             length = chars.shape[1]
-            codes = table[np.minimum(np.array([ord(c) for c in text[: 2 * length].lower()[:length]], dtype=np.int64), 128)]
-            text_kernel.place_chars(chars[i], codes.astype(np.uint8), len(codes), bool(cs["reverse"]))
+            points = np.array([ord(c) for c in text[: 2 * length].lower()[:length]], dtype=np.int64)
+            codes = table[np.minimum(points, 128)]  # code points past ASCII are not in the alphabet
+            text_kernel.place_chars(chars[i], codes, len(codes), bool(cs["reverse"]))
         if ids.shape[1]:
             tokens = tokenize(text[: 32 * ids.shape[1]])
             hashes = np.array([zlib.crc32(t.encode("utf-8")) for t in tokens], dtype=np.uint64)

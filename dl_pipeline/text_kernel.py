@@ -1,7 +1,7 @@
 """The compiled text featurizer: hashed n-grams and character codes for a batch of UTF-8 texts.
 
-Compiled by numba (cached on disk beside this file: the first process compiles it in ~4 s,
-later ones, Spark's Python workers included, load it in ~0.4 s). It computes exactly what
+Compiled by numba, and cached on disk where numba can (see ``_cacheable``): the first process
+compiles it in ~4 s, later ones, Spark's Python workers included, load it in ~0.4 s. It computes exactly what
 ``features`` defines row by row (the regex tokenizer, ``zlib.crc32`` of each token's UTF-8,
 ``str.lower``), over code points below U+10000. A row it cannot take alone (a code point outside
 the Basic Multilingual Plane, or one whose lower case is not one code point or depends on its
@@ -10,6 +10,8 @@ neighbours: 'İ' -> 'i̇', final sigma) is flagged, and ``features`` computes th
 Inputs are Arrow's layout: one uint8 buffer of UTF-8 and int64 offsets [n + 1]. Outputs:
 chars uint8 [n, char_length] and ids int32 [n, max_tokens], every byte written (padding
 included, so they may be allocated uninitialised); lengths and words int32 [n], fallback bool [n].
+The bytes must be valid UTF-8 (Arrow validates what it builds from str): the decoder trusts
+each lead byte's length.
 
 Where the time goes (AG News, ~238 bytes and ~47 tokens a row; 2 vCPUs here): finding token
 bounds ~0.3 us/row (64 bytes classified per step into bit masks, then one step per token: a
@@ -99,9 +101,10 @@ def _crc32(buf, start, stop, byte_map, table):
 
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _mod(v, d, inv):
-    """v % d for uint64 v and d >= 1, without a 64-bit division (~40 cycles on many CPUs): a
-    quotient from float64 (``inv`` = 1/d) is off by a few units at most, and the remainder is
-    corrected in signed arithmetic, where that error times d stays far below 2^63."""
+    """v % d for uint64 v and 1 <= d < 2^31 (``features.hash_buckets``), without a 64-bit
+    division (~40 cycles on many CPUs): a quotient from float64 (``inv`` = 1/d) is off by at
+    most ~2^64 / d * 2^-52 + 1 units, and the remainder is corrected in signed arithmetic, where
+    that error times d stays far below 2^63. (Tiny d loop more: d = 2 up to ~2^11 steps.)"""
     if d == 1:
         return 0
     q = np.uint64(np.float64(v) * inv)
@@ -231,8 +234,9 @@ def _ascii_token_bounds(data, p, stop, byte_class, starts, ends):
 def _ascii_row(data, p, end, byte_lower, byte_class, byte_code, crc, reverse, token_chars, chars_row, hashes,
                max_tokens, starts, ends):
     """An ASCII row (bytes are characters): codes into chars_row (all of it), token hashes into
-    hashes; returns the token count, at most max_tokens (more cannot change the ids).
-    ``starts``/``ends`` are scratch of >= token_chars slots."""
+    hashes; returns the token count, at most max_tokens (more cannot change the ids). The bounds
+    of every token in the first token_chars bytes are found (a block at a time, so no early
+    stop), hence ``starts``/``ends`` of >= token_chars slots."""
     m = min(end - p, chars_row.shape[0])
     if reverse:
         for j in range(m):
@@ -253,7 +257,9 @@ def _ascii_row(data, p, end, byte_lower, byte_class, byte_code, crc, reverse, to
 def _unicode_row(data, p, end, lower, classes, char_table, crc, identity, reverse, token_chars, chars_row,
                  hashes, max_tokens, codes, word):
     """Any row, decoded from UTF-8 one code point at a time (as ``_ascii_row``, through the
-    code point tables). Returns the token count, or -1 for a row left to Python."""
+    code point tables). Returns the token count, or -1 for a row left to Python. A word's
+    lower-cased UTF-8 collects in ``word`` and is hashed with the ``identity`` byte map (the
+    ASCII path passes its lower-casing map to the same ``_crc32``)."""
     char_len = chars_row.shape[0]
     nchar = 0  # code points read
     ntok = 0
@@ -323,6 +329,8 @@ def featurize_utf8(data, offsets, lower, classes, char_table, byte_lower, byte_c
     identity = np.arange(256).astype(np.uint8)
     for i in range(n):
         p, end = offsets[i], offsets[i + 1]
+        # Only the first max(L, token_chars) characters are ever read: a row whose non-ASCII
+        # text lies past them is still an ASCII row here.
         if _is_ascii(data, p, min(end, p + max(char_len, token_chars if max_tokens else 0))):
             ntok = _ascii_row(data, p, end, byte_lower, byte_class, byte_code, crc, reverse, token_chars,
                               chars_out[i], hashes, max_tokens, starts, ends)

@@ -181,6 +181,17 @@ def test_arrow_strings_give_the_same_features_as_python_strings():
         assert all(np.array_equal(got[k], expected[k]) for k in expected)
 
 
+def test_a_pandas_series_is_read_by_position_on_every_path():
+    import pandas as pd
+
+    spec = text_spec(FeaturesConfig(char_length=8, max_tokens=6, hash_buckets=1000), DataConfig())
+    texts = ["İb x", "plain ascii row", "😀 emoji", "é word"]  # rows 0 and 2 go to the Python path
+    series = pd.Series(texts, index=[3, 2, 1, 0])  # labels in the other order
+    got, want = featurize_texts(series, spec), featurize_texts(texts, spec)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert want["chars"][0].tolist() == _reference_chars(texts, spec)[0].tolist()
+
+
 def test_code_point_tables_classify_as_the_regex_does():
     lower, classes = text_kernel.code_point_tables()
     for c in range(text_kernel.BMP):
