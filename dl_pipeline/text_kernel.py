@@ -1,9 +1,9 @@
 """The compiled text featurizer: hashed n-grams and character codes for a batch of UTF-8 texts.
 
 Compiled by numba, and cached on disk where numba can (see ``_cacheable``): the first process
-compiles it in ~4 s, later ones, Spark's Python workers included, load it in ~0.4 s. It computes exactly what
-``features`` defines row by row (the regex tokenizer, ``zlib.crc32`` of each token's UTF-8,
-``str.lower``), over code points below U+10000. A row it cannot take alone (a code point outside
+compiles it in ~4 s, later ones, Spark's Python workers included, load it in ~0.4 s. It
+computes exactly what ``features`` defines row by row (the regex tokenizer, ``zlib.crc32`` of
+each token's UTF-8, ``str.lower``), over code points below U+10000. A row it cannot take alone (a code point outside
 the Basic Multilingual Plane, or one whose lower case is not one code point or depends on its
 neighbours: 'İ' -> 'i̇', final sigma) is flagged, and ``features`` computes that row in Python.
 
@@ -16,7 +16,8 @@ each lead byte's length.
 Where the time goes (AG News, ~238 bytes and ~47 tokens a row; 2 vCPUs here): finding token
 bounds ~0.3 us/row (64 bytes classified per step into bit masks, then one step per token: a
 branch per byte that changes class mispredicts ~90 times a row), CRC-32 ~10 ns/token (a
-table lookup per byte), ids ~0.17 us/row (a remainder by multiplication, not a 64-bit division).
+table lookup per byte), ids ~0.17 us/row (a remainder through a float reciprocal, not a 64-bit
+division).
 """
 
 from __future__ import annotations
