@@ -205,18 +205,40 @@ class SparkMemory:
     are this one JVM), and the executor's Python workers (their sum at any instant, and the
     largest one). Linux only (zeros elsewhere). Use as a context manager around one run."""
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, interval: float = 0.25, spark=None):
         self.interval = interval
+        self.spark = spark  # given: also the JVM heap's live data (see _heap_mb)
         self.peaks = {"driver_python_mb": 0.0, "jvm_driver_and_executor_mb": 0.0, "executor_python_workers_sum_mb": 0.0,
                       "executor_python_worker_max_mb": 0.0}
+        if spark is not None:
+            self.peaks.update(jvm_heap_after_gc_mb=0.0, jvm_old_gen_used_mb=0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _heap_mb(self) -> tuple[float, float]:
+        """The JVM heap via JMX: its pools as the last garbage collection of each left them
+        (live data; RSS is what the heap was allowed to grow to), and the old generation's
+        current use (live data plus garbage not yet collected there)."""
+        after_gc = old = 0
+        for pool in self.spark._jvm.java.lang.management.ManagementFactory.getMemoryPoolMXBeans():
+            if str(pool.getType()) != "Heap memory":
+                continue
+            usage = pool.getCollectionUsage()
+            after_gc += usage.getUsed() if usage is not None else 0
+            if "Old" in pool.getName() or "Tenured" in pool.getName():
+                old += pool.getUsage().getUsed()
+        return after_gc / 2**20, old / 2**20
 
     def _sample(self) -> None:
         procs = _spark_processes()
         workers = [_rss_mb(p) for p in procs["python_workers"]]
         now = {"driver_python_mb": _rss_mb(os.getpid()), "jvm_driver_and_executor_mb": sum(_rss_mb(p) for p in procs["jvm"]),
                "executor_python_workers_sum_mb": sum(workers), "executor_python_worker_max_mb": max(workers, default=0.0)}
+        if self.spark is not None:
+            try:
+                now["jvm_heap_after_gc_mb"], now["jvm_old_gen_used_mb"] = self._heap_mb()
+            except Exception:  # the gateway is busy or closing: skip this sample
+                pass
         for k, v in now.items():
             self.peaks[k] = max(self.peaks[k], round(v, 1))
 

@@ -117,7 +117,7 @@ def main() -> None:
         runs, cpu, memory = [], [], []
         for _ in range(max(1, args.repeats)):
             c0, t0 = spark_cpu_seconds(), time.perf_counter()
-            with SparkMemory() as mem:
+            with SparkMemory(spark=spark) as mem:
                 manifest = prepare_dataset(spark, cfg)
             runs.append(time.perf_counter() - t0)
             cpu.append(cpu_delta(c0, spark_cpu_seconds()))
