@@ -273,9 +273,15 @@ class ScoreConfig:
     # A date's lock older than this is a lost run's (its machine gone) and is taken over; keep it
     # above the longest run (the bundle's job times out after 4 h). 0 = only a dead local process's.
     stale_lock_after_s: int = 6 * 3600
+    # Who moves a text model's Zhang CSV lines in and its Parquet rows out. "python": the scoring
+    # tasks read their own byte ranges of the files and write their own Parquet parts (Spark
+    # schedules them); "spark": Spark's text reader and Parquet writer; "auto": "python" for
+    # uncompressed local or mounted files (file://, /dbfs, /Volumes), else "spark".
+    io: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of("score", "input_format", self.input_format, ("zhang_csv", "csv", "json", "parquet", "image_files"))
+        _one_of("score", "io", self.io, ("auto", "python", "spark"))
         _require(1 <= self.max_image_bytes < 1 << 31, "score.max_image_bytes must be in 1..2147483647 (Spark reads a file into one byte array)")
         _one_of("score", "output_format", self.output_format, ("parquet", "delta"))
         _require(self.batch_size >= 1, "score.batch_size must be >= 1")

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -279,16 +279,25 @@ def _score_fn(model_path: str, version: str, ids: list[str], batch_size: int, to
         for n_batch, pdf in enumerate(batches):
             if inject_failure and n_batch == 1:  # test hook: die mid-task, after output began
                 raise RuntimeError("injected scoring failure")
-            pdf, scored = score_frame(bundle, pdf, batch_size, top_k, max_chars, separator, num_fields)
-            out = pdf[ids].copy()
-            for col in scored.columns.drop("reason"):
-                out[col] = scored[col]
-            out["model_version"] = bundle.version
-            out["raw"] = [None if r is None else (raw or "")[:4096] for r, raw in zip(scored["reason"], pdf["raw"], strict=False)]
-            out["reason"] = scored["reason"]
+            out = scored_rows(bundle, pdf, ids, batch_size, top_k, max_chars, separator, num_fields)
             yield out.iloc[1:] if drop_a_row and n_batch == 0 else out
 
     return run
+
+
+def scored_rows(bundle, pdf: pd.DataFrame, ids: list[str], batch_size: int, top_k: int, max_chars: int, separator: str,
+                num_fields: int) -> pd.DataFrame:
+    """One batch of input rows -> its output rows, on pdf's index: ``ids``, prediction,
+    label_name, probability[, top_k], model_version, raw (a rejected row's first 4 KiB, else
+    None), reason (None = scored). What both ways of moving rows (score.io) write."""
+    pdf, scored = score_frame(bundle, pdf, batch_size, top_k, max_chars, separator, num_fields)
+    out = pdf[ids].copy()
+    for col in scored.columns.drop("reason"):
+        out[col] = scored[col]
+    out["model_version"] = bundle.version
+    out["raw"] = [None if r is None else (raw or "")[:4096] for r, raw in zip(scored["reason"], pdf["raw"], strict=False)]
+    out["reason"] = scored["reason"]
+    return out
 
 
 def _spread_over_cores(spark, df, scan):
@@ -414,12 +423,124 @@ def score_batch(spark, cfg: Config) -> dict[str, Any]:
 def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, t0: float,
                 model_uri: str | None = None) -> dict[str, Any]:
     """score_batch's job, with the session's Arrow batch size already set."""
+    s = cfg.score
+    out = fsutil.to_url(s.output_path)
+    _finish_interrupted_commit(spark, out, date)
+    files = _own_io_files(cfg, kind, in_path)
+    if files is not None:
+        rows_in, by_reason, by_label, counts = _score_with_own_io(spark, cfg, bundle, date, files, out)
+    else:
+        rows_in, by_reason, by_label, counts = _score_with_spark_io(spark, cfg, bundle, kind, date, in_path, out)
+    if rows_in == 0:  # legitimate for a quiet day, but worth a line in a scheduled job's log
+        log.warning("score: %s has no rows for run date %s (image inputs: no .png/.jpg/.jpeg files); "
+                    "the date's partitions are now empty", in_path, date)
+    summary = {
+        "run_date": date,
+        "input_path": in_path,
+        "output_path": out,
+        "model_version": bundle.version,
+        **({"model_uri": model_uri} if model_uri else {}),
+        "rows_in": rows_in,
+        "scored": counts.get(True, 0),
+        "rejected": counts.get(False, 0),
+        "rejects_by_reason": dict(sorted(by_reason.items())),
+        "predictions_by_label": dict(sorted(by_label.items())),
+        "seconds": round(time.time() - t0, 3),
+    }
+    record = {**summary, "config": cfg.to_dict()}  # the resolved config travels with every output
+    fsutil.write_text_atomic(fsutil.join(out, "_runs", f"{date}.json"), json.dumps(record, indent=2, sort_keys=True))
+    log.info("score summary: %s", json.dumps(summary, sort_keys=True))
+    return {"summary": summary}
+
+
+def _tally(rows: Iterable[tuple[Any, Any, int]]) -> tuple[dict[str, int], dict[str, int], dict[bool, int]]:
+    """(reason, label_name, rows) -> (rejects by reason, scored rows by predicted label,
+    {True: scored, False: rejected})."""
+    by_reason: dict[str, int] = {}
+    by_label: dict[str, int] = {}  # the scored rows' predicted labels (the report's distribution per date)
+    for reason, label, n in rows:
+        tally = by_label if reason is None else by_reason
+        key = label if reason is None else reason
+        tally[key] = tally.get(key, 0) + n
+    return by_reason, by_label, {True: sum(by_label.values()), False: sum(by_reason.values())}
+
+
+def _check_accounting(rows_in: int, counts: dict[bool, int], date: str) -> None:
+    if counts[True] + counts[False] != rows_in:  # counted apart, before anything is written
+        raise PipelineError(f"score lost or duplicated rows: {rows_in} rows in, {counts[True]} scored + {counts[False]} "
+                            f"rejected for {date}; nothing was written, the date keeps its previous result")
+
+
+def _own_io_files(cfg: Config, kind: str, in_path: str) -> list[str] | None:
+    """The input files when score's own tasks read and write them (``score.io``), else None."""
+    from dl_pipeline.score_tasks import COMPRESSED, input_files
+    from dl_pipeline.sources import is_line_mode
+
+    s = cfg.score
+    fits = kind == "text" and s.input_format == "zhang_csv" and is_line_mode(cfg.data) and s.output_format == "parquet"
+    if s.io == "spark" or (s.io == "auto" and not fits):
+        return None
+    if not fits:
+        raise UserError("score.io=python scores Zhang CSV lines (score.input_format=zhang_csv, UTF-8, data.multiline: false) "
+                        "into Parquet; set score.io=auto")
+    local = all(fsutil.local_path(u) for u in (in_path, s.output_path))
+    if s.io == "auto" and not local:
+        return None
+    why = fsutil.filesystem_error(in_path) or fsutil.filesystem_error(s.output_path)
+    if why:
+        raise UserError(f"score.io=python: Python cannot reach {in_path} or {s.output_path} ({why}); set score.io=auto")
+    fs, path = fsutil.fs_and_path(in_path)
+    listed = input_files(fs, path)
+    if listed is None or any(f.lower().endswith(COMPRESSED) for f in listed):
+        if s.io == "python":
+            raise UserError(f"score.io=python reads plain files, uncompressed, named by a file, a folder of files or a glob: "
+                            f"{in_path} is not; set score.io=auto")
+        return None
+    if not listed:
+        raise UserError(f"score.input_path={in_path}: no such file or directory; fix the path or --run-date")
+    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return [fsutil.to_url(f) if proto in ("file", "local") else f"{proto}://{f}" for f in listed]
+
+
+def _score_with_own_io(spark, cfg: Config, bundle, date: str, files: list[str], out: str):
+    """Score ``files``' lines with score's own tasks (score_tasks), then commit. -> (rows in,
+    rejects by reason, scored by label, {True: scored, False: rejected})."""
+    from dl_pipeline.score_tasks import ScoreTask, stage_scores
+
+    s = cfg.score
+    cleaning = bundle.featurizer.get("cleaning", {})
+    stage = fsutil.join(out, STAGING_DIR, date, uuid.uuid4().hex[:8])
+    task = ScoreTask(
+        model_url=fsutil.to_url(s.model_path), version=bundle.version, ids=tuple(s.id_columns) or ("source_file", "row_number"),
+        batch_size=s.batch_size, top_k=s.top_k, max_chars=cleaning.get("max_text_chars", cfg.data.max_text_chars),
+        separator=cleaning.get("title_separator", ""), num_fields=cfg.data.num_fields, records_per_batch=s.max_records_per_batch,
+        stage=stage, date=date, scored_at=dt.datetime.now(dt.timezone.utc),
+        inject_failure=spark.conf.get(INJECT_FAILURE_CONF, "false") == "true",
+        drop_a_row=spark.conf.get(DROP_ROW_CONF, "false") == "true")
+    unknown = [c for c in task.ids if c not in ("source_file", "row_number", "label_raw")]
+    if unknown:
+        raise UserError(f"score.id_columns {unknown}: a Zhang CSV has only source_file, row_number, label_raw")
+    try:
+        rows_in, tallies = stage_scores(spark, files, task)
+        by_reason, by_label, counts = _tally((r, label, n) for (r, label), n in tallies.items())
+        _check_accounting(rows_in, counts, date)
+        _pause_at(spark, "staged")
+    except BaseException:
+        hadoop_delete(spark, stage)  # nothing was moved: the date keeps its previous result
+        raise
+    moves = [[fsutil.join(stage, name, f"dt={date}") if n else None, fsutil.join(table, f"dt={date}")]
+             for name, n, table in (("scores", counts[True], out), ("rejects", counts[False], fsutil.join(out, REJECTS_DIR)))]
+    _commit(spark, out, date, moves)
+    hadoop_delete(spark, fsutil.join(out, STAGING_DIR, date))
+    return rows_in, by_reason, by_label, counts
+
+
+def _score_with_spark_io(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, out: str):
+    """Score with Spark's readers and writers, then commit. -> as _score_with_own_io."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     s = cfg.score
-    out = fsutil.to_url(s.output_path)
-    _finish_interrupted_commit(spark, out, date)
     raw, ids, scan = _read_input(spark, cfg, in_path, kind)
     if not ids:
         log.warning("score: score.id_columns is empty: the predictions of %s cannot be joined back to its rows; set "
@@ -451,16 +572,9 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
             raise UserError("score.output_format=delta needs delta-spark on the cluster (Databricks has it); use parquet") from None
     try:
         # The count runs the model once and fills the cache; both writes then read the cache.
-        by_reason: dict[str, int] = {}
-        by_label: dict[str, int] = {}  # the scored rows' predicted labels (the report's distribution per date)
-        for r in scored.groupBy("reason", "label_name").agg(F.count(F.lit(1)).alias("n")).collect():
-            tally = by_label if r["reason"] is None else by_reason
-            key = r["label_name"] if r["reason"] is None else r["reason"]
-            tally[key] = tally.get(key, 0) + r["n"]
-        counts = {True: sum(by_label.values()), False: sum(by_reason.values())}
-        if counts[True] + counts[False] != rows_in:  # counted apart, before anything is written
-            raise PipelineError(f"score lost or duplicated rows: {rows_in} rows in, {counts[True]} scored + {counts[False]} "
-                                f"rejected for {date}; nothing was written, the date keeps its previous result")
+        rows = scored.groupBy("reason", "label_name").agg(F.count(F.lit(1)).alias("n")).collect()
+        by_reason, by_label, counts = _tally((r["reason"], r["label_name"], r["n"]) for r in rows)
+        _check_accounting(rows_in, counts, date)
         good = scored.filter(F.col("reason").isNull()).drop("raw", "reason")
         bad = scored.filter(F.col("reason").isNotNull()).select(*ids, "raw", "reason", "model_version", "scored_at", "dt")
         if fmt == "delta":
@@ -485,23 +599,4 @@ def _score_date(spark, cfg: Config, bundle, kind: str, date: str, in_path: str, 
             hadoop_delete(spark, fsutil.join(out, STAGING_DIR, date))
     finally:
         scored.unpersist()
-    if rows_in == 0:  # legitimate for a quiet day, but worth a line in a scheduled job's log
-        log.warning("score: %s has no rows for run date %s (image inputs: no .png/.jpg/.jpeg files); "
-                    "the date's partitions are now empty", in_path, date)
-    summary = {
-        "run_date": date,
-        "input_path": in_path,
-        "output_path": out,
-        "model_version": bundle.version,
-        **({"model_uri": model_uri} if model_uri else {}),
-        "rows_in": rows_in,
-        "scored": counts.get(True, 0),
-        "rejected": counts.get(False, 0),
-        "rejects_by_reason": dict(sorted(by_reason.items())),
-        "predictions_by_label": dict(sorted(by_label.items())),
-        "seconds": round(time.time() - t0, 3),
-    }
-    record = {**summary, "config": cfg.to_dict()}  # the resolved config travels with every output
-    fsutil.write_text_atomic(fsutil.join(out, "_runs", f"{date}.json"), json.dumps(record, indent=2, sort_keys=True))
-    log.info("score summary: %s", json.dumps(summary, sort_keys=True))
-    return {"summary": summary}
+    return rows_in, by_reason, by_label, counts

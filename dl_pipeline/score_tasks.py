@@ -1,0 +1,237 @@
+"""score with its own I/O (``score.io``): Spark schedules the tasks; each task reads the lines
+of one byte range of a text file (``line_splits``) and writes its scores and rejects as Parquet
+parts of the staged partitions.
+
+Why: for a model whose per-row work is cheap (fastText: parse, clean, featurize, predict ~16
+CPU-us a row), Spark moving every line in and every prediction out cost another 8.4 CPU-us a row
+in the JVM (three scans of the input for the count, the row numbers and the rows; Arrow both
+ways; a cache; two Parquet writes): bench/score_bench.py. Here the JVM only schedules.
+
+Two jobs: the first counts each split's lines (terminators, counted: the row numbers' offsets
+and ``rows_in``, apart from the scoring code), the second scores. A task's output files are
+named by its split, written under a hidden name and renamed whole, so a retried or speculative
+attempt replaces them with the same rows. The driver (``score._score_date``) checks the
+accounting and commits as for Spark's writes.
+
+Driver code: ``stage_scores``. Executor code: the ``_*_fn`` closures, which take picklable values.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from dl_pipeline import fsutil
+from dl_pipeline.line_splits import LineSplit, count_lines, plan, read_lines
+
+# A split is at most this many bytes (Spark's spark.sql.files.maxPartitionBytes default is
+# 128 MB): a task holds its split as bytes and as lines, ~4x this in memory.
+MAX_SPLIT_BYTES = 64 << 20
+# Rows per Parquet row group: batches are gathered to this before they are written.
+ROW_GROUP_ROWS = 1 << 16
+# Hadoop's codecs, by extension: Spark's text source decompresses these, Python tasks do not.
+COMPRESSED = (".gz", ".bz2", ".deflate", ".lz4", ".snappy", ".zst")
+
+COUNT_SCHEMA = "split int, physical long, records long"
+TALLY_SCHEMA = "split int, reason string, label_name string, n long"
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    """What every scoring task gets: the model, the parse and batch settings, where to write."""
+
+    model_url: str
+    version: str
+    ids: tuple[str, ...]
+    batch_size: int
+    top_k: int
+    max_chars: int
+    separator: str
+    num_fields: int
+    records_per_batch: int
+    stage: str  # URL: parts go to <stage>/scores/dt=<date>/ and <stage>/rejects/dt=<date>/
+    date: str
+    scored_at: dt.datetime  # one instant for the whole run (as Spark's current_timestamp())
+    inject_failure: bool = False
+    drop_a_row: bool = False
+
+    def __post_init__(self) -> None:
+        if self.records_per_batch < 1 or self.batch_size < 1:
+            raise ValueError("ScoreTask: records_per_batch and batch_size must be >= 1")
+        if self.scored_at.tzinfo is None:
+            raise ValueError("ScoreTask: scored_at must carry its time zone")
+
+
+def input_files(fs, path: str) -> list[str] | None:
+    """The plain files ``path`` (a file, a folder of files, or a glob) names, as Spark's text
+    source lists them (hidden ``_``/``.`` files skipped), or None where Python's listing could
+    differ from Spark's (nested folders, Hadoop's ``{a,b}`` globs): Spark reads those."""
+    import os
+
+    if "{" in path:
+        return None
+    if fs.isdir(path):
+        entries = fs.ls(path, detail=True)
+        if any(e["type"] == "directory" for e in entries):
+            return None
+        files = [e["name"] for e in entries if not os.path.basename(e["name"]).startswith(("_", "."))]
+    elif any(c in path for c in "*?["):
+        files = fs.glob(path)
+        if any(fs.isdir(f) for f in files):
+            return None
+    else:
+        files = [path] if fs.exists(path) else []
+    return sorted(files)
+
+
+def _one_row_per_split(spark, n: int):
+    """A DataFrame of split numbers 0..n-1, one per partition (so one task per split)."""
+    return spark.range(0, n, 1, max(n, 1)).selectExpr("cast(id as int) as split")
+
+
+def stage_scores(spark, files: list[str], task: ScoreTask) -> tuple[int, dict[tuple[Any, Any], int]]:
+    """Score the lines of ``files`` (URLs) into ``task.stage``. -> (rows in: non-blank lines,
+    counted apart; {(reason, label_name): rows} of what was written)."""
+    sizes = {}
+    for url in files:
+        fs, path = fsutil.fs_and_path(url)
+        sizes[url] = fs.size(path)
+    splits = plan(sizes, 2 * spark.sparkContext.defaultParallelism, MAX_SPLIT_BYTES)
+    if not splits:
+        return 0, {}
+    counts = sorted(_one_row_per_split(spark, len(splits)).mapInArrow(_count_fn(splits), COUNT_SCHEMA).collect())
+    first, seen = [], collections.Counter()
+    for r in counts:  # splits are in file order, then byte order: a split's first number follows
+        url = splits[r["split"]].url
+        first.append(seen[url] + 1)
+        seen[url] += r["physical"]
+    rows_in = sum(r["records"] for r in counts)
+    tallies: dict[tuple[Any, Any], int] = collections.Counter()
+    for r in _one_row_per_split(spark, len(splits)).mapInArrow(_score_fn(splits, first, task), TALLY_SCHEMA).collect():
+        tallies[(r["reason"], r["label_name"])] += r["n"]
+    return rows_in, dict(tallies)
+
+
+def _count_fn(splits: list[LineSplit]):
+    def run(batches):
+        import pyarrow as pa
+
+        for batch in batches:
+            for i in batch.column(0).to_pylist():
+                physical, records = count_lines(splits[i])
+                yield pa.RecordBatch.from_pydict({"split": pa.array([i], pa.int32()), "physical": [physical],
+                                                  "records": [records]})
+
+    return run
+
+
+def _score_fn(splits: list[LineSplit], first: list[int], task: ScoreTask):
+    def run(batches):
+        import pyarrow as pa
+
+        for batch in batches:
+            for i in batch.column(0).to_pylist():
+                tally = score_split(splits[i], first[i], i, task)
+                keys = list(tally)
+                yield pa.RecordBatch.from_pydict({
+                    "split": pa.array([i] * len(keys), pa.int32()), "reason": pa.array([k[0] for k in keys], pa.string()),
+                    "label_name": pa.array([k[1] for k in keys], pa.string()), "n": pa.array(list(tally.values()), pa.int64()),
+                })
+
+    return run
+
+
+def output_schemas(ids: tuple[str, ...], top_k: int):
+    """-> (scores, rejects) Arrow schemas: the columns and types Spark's writer gives them."""
+    import pyarrow as pa
+
+    id_types = {"source_file": pa.string(), "row_number": pa.int64(), "label_raw": pa.string()}
+    id_fields = [pa.field(c, id_types[c]) for c in ids]
+    ts = pa.field("scored_at", pa.timestamp("us", tz="UTC"))
+    scores = [*id_fields, pa.field("prediction", pa.int32()), pa.field("label_name", pa.string()),
+              pa.field("probability", pa.float64())]
+    if top_k:
+        scores.append(pa.field("top_k", pa.list_(pa.struct([("label", pa.int32()), ("probability", pa.float64())]))))
+    scores += [pa.field("model_version", pa.string()), ts]
+    rejects = [*id_fields, pa.field("raw", pa.string()), pa.field("reason", pa.string()), pa.field("model_version", pa.string()), ts]
+    return pa.schema(scores), pa.schema(rejects)
+
+
+class _PartWriter:
+    """One Parquet part of a staged partition, opened at its first rows, written under a hidden
+    name and renamed whole at ``close``. Rows are gathered into row groups of ROW_GROUP_ROWS."""
+
+    def __init__(self, url: str, schema):
+        self.url, self.schema, self.pending, self.rows, self.writer = url, schema, [], 0, None
+        self.fs, self.path = fsutil.fs_and_path(url)
+
+    def write(self, table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.rows += table.num_rows
+            if sum(t.num_rows for t in self.pending) >= ROW_GROUP_ROWS:
+                self._flush()
+
+    def _flush(self) -> None:
+        import os
+        import uuid
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.pending:
+            return
+        if self.writer is None:
+            folder, name = os.path.split(self.path)
+            self.fs.makedirs(folder, exist_ok=True)
+            self.tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+            self.fh = self.fs.open(self.tmp, "wb")
+            # INT96 timestamps, as Spark writes them: one table, whichever way a date was written.
+            self.writer = pq.ParquetWriter(self.fh, self.schema, use_deprecated_int96_timestamps=True)
+        self.writer.write_table(pa.concat_tables(self.pending), row_group_size=ROW_GROUP_ROWS)
+        self.pending = []
+
+    def close(self) -> None:
+        self._flush()
+        if self.writer is not None:
+            self.writer.close()
+            self.fh.close()
+            self.fs.mv(self.tmp, self.path)
+
+
+def score_split(split: LineSplit, first_number: int, index: int, task: ScoreTask) -> dict[tuple[Any, Any], int]:
+    """Score the non-blank lines of ``split`` (its first line numbered ``first_number``) and write
+    them as part ``index`` of the staged scores and rejects. -> {(reason, label_name): rows}."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from dl_pipeline.score import _bundle, scored_rows
+
+    bundle = _bundle(task.model_url, task.version)
+    numbers, lines = read_lines(split, first_number)
+    scores_schema, rejects_schema = output_schemas(task.ids, task.top_k)
+    part = f"part-{index:05d}.parquet"
+    scores = _PartWriter(fsutil.join(task.stage, "scores", f"dt={task.date}", part), scores_schema)
+    rejects = _PartWriter(fsutil.join(task.stage, "rejects", f"dt={task.date}", part), rejects_schema)
+    tally: collections.Counter = collections.Counter()
+    step = task.records_per_batch
+    for n_batch, a in enumerate(range(0, len(lines), step)):
+        if task.inject_failure and n_batch == 1:  # test hook: die mid-task, after output began
+            raise RuntimeError("injected scoring failure")
+        pdf = pd.DataFrame({"source_file": split.url, "row_number": numbers[a:a + step], "raw": lines[a:a + step]})
+        out = scored_rows(bundle, pdf, list(task.ids), task.batch_size, task.top_k, task.max_chars, task.separator,
+                          task.num_fields)
+        if task.drop_a_row and n_batch == 0:  # test hook: lose a row (the accounting must catch it)
+            out = out.iloc[1:]
+        tally.update(zip(out["reason"], out["label_name"], strict=True))
+        out["scored_at"] = pd.Timestamp(task.scored_at)
+        table = pa.Table.from_pandas(out, preserve_index=False)
+        bad = pc.is_valid(table.column("reason"))
+        scores.write(table.filter(pc.invert(bad)).select(scores_schema.names).cast(scores_schema))
+        rejects.write(table.filter(bad).select(rejects_schema.names).cast(rejects_schema))
+    scores.close()
+    rejects.close()
+    return tally
