@@ -14,6 +14,7 @@ untrained weights) against its own ceiling.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import shutil
 import statistics
@@ -26,8 +27,11 @@ from common import AG_TEST, AG_TRAIN, ROOT, cpu_delta, emit, machine, resampled_
 from dl_pipeline.bundle import load_bundle
 from dl_pipeline.config import SparkConfig, load_config, replace
 from dl_pipeline.features import clean_record, featurize_texts
+from dl_pipeline.fsutil import to_url
+from dl_pipeline.line_splits import LineSplit, count_lines
 from dl_pipeline.prepare import prepare_dataset
 from dl_pipeline.score import _predict, predict_texts, score_batch
+from dl_pipeline.score_tasks import ScoreTask, score_split
 from dl_pipeline.sources import parse_and_clean_lines, parse_zhang_line
 from dl_pipeline.spark import get_spark
 from dl_pipeline.train.driver import train_model
@@ -166,6 +170,13 @@ def main() -> None:
         spark_runs.append(time.perf_counter() - t0)
     spark_cpu = {k: round(v / args.repeats, 2) for k, v in cpu_delta(c0, spark_cpu_seconds()).items()}  # per run
     spark_s = statistics.median(spark_runs)
+    # The same job with Spark's own text reader and Parquet writer (score.io=spark), for the
+    # part of the cost that the JVM's moving of rows was.
+    spark_io_cfg = replace(cfg, score={"io": "spark"})
+    score_batch(spark, replace(spark_io_cfg, score={"run_date": "2026-11-21"}))  # warm-up
+    c0 = spark_cpu_seconds()
+    spark_io_s = statistics.median(_timed(lambda: score_batch(spark, spark_io_cfg)) for _ in range(args.repeats))
+    spark_io_cpu = {k: round(v / args.repeats, 2) for k, v in cpu_delta(c0, spark_cpu_seconds()).items()}
 
     # Ceiling: one process, 2 threads, same model, rows featurized beforehand (not timed).
     torch.set_num_threads(2)
@@ -188,6 +199,20 @@ def main() -> None:
     c0 = time.process_time()
     one_process_full_s = statistics.median(_timed(one_process_full) for _ in range(args.repeats))
     one_process_cpu_us = (time.process_time() - c0) / args.repeats / args.rows * 1e6
+    # The same whole work as the job, with the job's own task code, in one process on one core:
+    # count the lines, read them from the file, parse, clean, featurize, predict, write the
+    # Parquet part (score_tasks.score_split on one split spanning the file).
+    torch.set_num_threads(1)
+    whole = LineSplit(to_url(data), 0, os.path.getsize(data))
+    task = ScoreTask(model_url=to_url(model_path), version=bundle.version, ids=("source_file", "row_number"),
+                     batch_size=cfg.score.batch_size, top_k=0, max_chars=cfg.data.max_text_chars,
+                     separator=bundle.featurizer["cleaning"]["title_separator"], num_fields=3,
+                     records_per_batch=cfg.score.max_records_per_batch, stage=to_url(os.path.join(args.workdir, "one_task")),
+                     date="2026-11-22", scored_at=dt.datetime.now(dt.timezone.utc))
+    c0 = time.process_time()
+    one_task_s = statistics.median(_timed(lambda: (count_lines(whole), score_split(whole, 1, 0, task))) for _ in range(args.repeats))
+    one_task_cpu_us = (time.process_time() - c0) / args.repeats / args.rows * 1e6
+    torch.set_num_threads(2)
     # The same with torch on one thread: the process then uses one core throughout, the
     # reference against which 2 cores can give at most 2x.
     torch.set_num_threads(1)
@@ -233,16 +258,25 @@ def main() -> None:
         "spark_job": {"wall_s": round(spark_s, 2), "rows_per_s": round(spark_rps), "rows_in": summary["rows_in"],
                       "scored": summary["scored"], "runs_s": [round(x, 2) for x in spark_runs],
                       "cpu_s_per_run": spark_cpu, "cpu_us_per_row": round(sum(spark_cpu.values()) / args.rows * 1e6, 2)},
+        "spark_job_score_io_spark": {"wall_s": round(spark_io_s, 2), "rows_per_s": round(args.rows / spark_io_s),
+                                     "cpu_s_per_run": spark_io_cpu,
+                                     "cpu_us_per_row": round(sum(spark_io_cpu.values()) / args.rows * 1e6, 2)},
         "ceiling_prefeaturized_one_process": {"wall_s": round(ceiling_s, 3), "rows_per_s": round(args.rows / ceiling_s)},
         "one_process_parse_clean_featurize_predict": {"wall_s": round(one_process_full_s, 2),
                                                       "rows_per_s": round(args.rows / one_process_full_s),
                                                       "torch_threads": 2, "cpu_us_per_row": round(one_process_cpu_us, 2)},
+        "one_process_same_work_as_the_job": {"wall_s": round(one_task_s, 2), "rows_per_s": round(args.rows / one_task_s),
+                                             "torch_threads": 1, "cpu_us_per_row": round(one_task_cpu_us, 2),
+                                             "what": "count lines, read, parse, clean, featurize, predict, write Parquet: "
+                                                     "score_tasks.score_split on one split spanning the file"},
         "one_process_parse_clean_featurize_predict_1_thread": {"wall_s": round(one_process_1thread_s, 2),
                                                                "rows_per_s": round(args.rows / one_process_1thread_s)},
         "row_at_a_time_udf": {"rows": args.udf_rows, "wall_s": round(udf_s, 2), "rows_per_s": round(args.udf_rows / udf_s),
                               "spark_job_on_the_same_rows_wall_s": round(job_on_udf_rows_s, 2)},
         "spark_vs_ceiling": round(spark_rps / (args.rows / ceiling_s), 4),
+        "spark_vs_one_process_same_work": round(one_task_s / spark_s, 3),
         "spark_vs_one_process_full": round(spark_rps / (args.rows / one_process_full_s), 3),
+        "spark_io_spark_vs_one_process_full": round(one_process_full_s / spark_io_s, 3),
         "spark_vs_one_process_full_1_thread": round(spark_rps / (args.rows / one_process_1thread_s), 3),
         "spark_vs_row_udf": round(udf_s / job_on_udf_rows_s, 2),
         "inference_bound_model": inference_bound,

@@ -37,6 +37,7 @@ _MODELS: dict[tuple[str, str], Any] = {}
 
 def _bundle(path: str, version: str):
     """The bundle at ``path`` whose model version the driver saw (``version``)."""
+    _use_the_task_cores()
     if (path, version) not in _MODELS:
         import torch
 
@@ -48,6 +49,18 @@ def _bundle(path: str, version: str):
         _MODELS.clear()  # one model per worker: an old version's weights are not kept around
         _MODELS[(path, version)] = bundle
     return _MODELS[(path, version)]
+
+
+def _use_the_task_cores() -> None:
+    """In a Spark task: torch's intra-op threads = the cores Spark gave the task (spark.task.cpus).
+    Spark runs a task per core, and torch's default (every core) in each oversubscribes them."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if ctx is not None:
+        import torch
+
+        torch.set_num_threads(max(1, ctx.cpus()))
 
 
 def run_date(score: ScoreConfig) -> str:

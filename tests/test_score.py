@@ -28,10 +28,18 @@ def _partition(out, date):
 
 
 @pytest.fixture(scope="module")
-def scored(spark, ag_model, tmp_path_factory):
+def ag_test_plain(tmp_path_factory):
+    """The AG News test CSV, uncompressed: what score's own tasks read (score.io=auto)."""
+    path = tmp_path_factory.mktemp("plain") / "test.csv"
+    path.write_bytes(gzip.open(AG_TEST).read())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def scored(spark, ag_model, ag_test_plain, tmp_path_factory):
     cfg, _ = ag_model
     out = tmp_path_factory.mktemp("scores")
-    cfg = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": AG_TEST,
+    cfg = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": ag_test_plain,
                               "output_path": str(out), "run_date": "2026-11-20", "id_columns": ["row_number"], "top_k": 2,
                               "max_records_per_batch": 1000})
     return cfg, score_batch(spark, cfg)["summary"]
@@ -110,8 +118,10 @@ def test_rerunning_a_date_replaces_exactly_that_partition(spark, scored):
     assert whole.groupBy("dt", "row_number").count().filter("count > 1").count() == 0
 
 
-def test_crash_mid_run_keeps_previous_partition_then_rerun_completes(spark, scored):
+@pytest.mark.parametrize("io", ["python", "spark"])
+def test_crash_mid_run_keeps_previous_partition_then_rerun_completes(spark, scored, io):
     cfg, _ = scored
+    cfg = replace(cfg, score={"io": io})
     out = cfg.score.output_path
     spark.conf.set(INJECT_FAILURE_CONF, "true")
     try:
@@ -224,6 +234,57 @@ def test_raw_csv_lines_are_parsed_checked_and_scored_in_one_pass(spark, ag_model
     assert summary["rejects_by_reason"] == {"empty_text": 1, "malformed_quoting": 1, "text_too_long": 1}
     good = _partition(tmp_path / "out", "2026-11-22").sort_values("row_number")
     assert good["row_number"].tolist() == [1, 2] and good["label_raw"].tolist() == ["3", "1"]
+
+
+def test_own_io_scores_every_line_as_spark_io_does(spark, ag_model, tmp_path, monkeypatch):
+    """score.io=python (each task reads its byte range, writes its Parquet part) gives the same
+    rows, numbers, predictions, rejects and summary as Spark's text reader and writer, over LF,
+    CRLF and lone-CR lines, blank and space-only lines, invalid UTF-8, U+2028 and form feeds (not
+    line ends to Hadoop), no final newline, a hidden file, and splits cut inside lines."""
+    import pandas as pd
+
+    from dl_pipeline import score_tasks
+
+    cfg, _ = ag_model
+    folder = tmp_path / "in"
+    folder.mkdir()
+    odd = [b'"3","Stocks","Markets rose on Monday"', b"", b"   ", b'"1","bad","bytes \xff\xfe kept \xe2\x82 too"',
+           b'"2","a","b"\r', b'"4","bro"ken","x"', b'"1","",""', b'"2","sep\xe2\x80\xa8u","x\x0cy"', b'"1","t","b"']
+    (folder / "a.csv").write_bytes(b"\n".join(odd) + b'\r\n"3","x","y"\r"4","last","no newline"')
+    (folder / "b.csv").write_bytes(b"".join(b'"%d","title %d","body %d of day"\n' % (i % 4 + 1, i, i) for i in range(2000)))
+    (folder / "_hidden.csv").write_bytes(b'"1","never","read"\n')
+    monkeypatch.setattr(score_tasks, "MAX_SPLIT_BYTES", 4000)  # ~18 splits, cut inside lines
+    tables, summaries = {}, {}
+    for io in ("spark", "python"):
+        run = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": str(folder),
+                                  "output_path": str(tmp_path / io), "run_date": "2026-11-22", "io": io, "top_k": 2,
+                                  "id_columns": ["source_file", "row_number", "label_raw"]})
+        summary = score_batch(spark, run)["summary"]
+        summaries[io] = {k: v for k, v in summary.items() if k not in ("seconds", "output_path")}
+        tables[io] = [pq.read_table(f"{tmp_path}/{io}/{sub}dt=2026-11-22").to_pandas()
+                      .sort_values(["source_file", "row_number"], ignore_index=True) for sub in ("", "_rejects/")]
+    assert summaries["python"] == summaries["spark"]
+    assert (summaries["python"]["rows_in"], summaries["python"]["rejected"]) == (2009, 2)
+    for own, theirs in zip(tables["python"], tables["spark"], strict=True):
+        assert list(own.columns) == list(theirs.columns)
+        assert own["scored_at"].nunique() == 1
+        own, theirs = own.drop(columns="scored_at"), theirs.drop(columns="scored_at")
+        if "top_k" in own:
+            assert [list(x) for x in own.pop("top_k")] == [list(x) for x in theirs.pop("top_k")]
+        pd.testing.assert_frame_equal(own, theirs)
+    assert tables["python"][0]["row_number"].tolist()[:6] == [1, 4, 5, 8, 9, 10]
+    whole = spark.read.parquet(str(tmp_path / "python"))  # Spark reads what the tasks wrote, with its types
+    assert whole.schema == spark.read.parquet(str(tmp_path / "spark")).schema and whole.count() == 2007
+
+
+def test_own_io_refuses_what_it_cannot_read_in_one_line(spark, scored):
+    from dl_pipeline.errors import UserError
+
+    cfg, _ = scored
+    with pytest.raises(UserError, match=r"score.io=python reads plain files, uncompressed.*test.csv.gz is not; set score.io=auto"):
+        score_batch(spark, replace(cfg, score={"io": "python", "input_path": AG_TEST}))
+    with pytest.raises(UserError, match=r"score.io=python scores Zhang CSV lines .* set score.io=auto"):
+        score_batch(spark, replace(cfg, score={"io": "python", "input_format": "json"}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,11 +491,13 @@ def test_image_features_are_identical_in_prepare_and_score(spark, tmp_path):
     assert sorted(img.tobytes() for img in feats["image"]) == stored
 
 
-def test_a_lost_row_fails_the_run_and_keeps_the_previous_partition(spark, scored):
+@pytest.mark.parametrize("io", ["python", "spark"])
+def test_a_lost_row_fails_the_run_and_keeps_the_previous_partition(spark, scored, io):
     """rows_in is counted from the input on its own: a row lost on the way is caught."""
     from dl_pipeline.errors import PipelineError
 
     cfg, _ = scored
+    cfg = replace(cfg, score={"io": io})
     before = _partition(cfg.score.output_path, "2026-11-20")
     spark.conf.set(DROP_ROW_CONF, "true")
     try:

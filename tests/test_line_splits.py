@@ -1,0 +1,66 @@
+"""line_splits: byte ranges of text files read line for line as Spark's text source reads them."""
+
+import random
+
+import pytest
+
+from dl_pipeline.line_splits import count_lines, plan, read_lines
+
+PIECES = [b"a", b"bc", b" ", b"  ", b"", b"\xff", b"\xc3\xa9", b"\xe2\x80\xa8", b"x y", b"\x0c", b"\xc2\x85", b'"1","t","b"']
+ENDS = [b"\n", b"\r\n", b"\r", b"\n\n", b"\r\r\n", b"\n", b"\n"]
+
+
+def _definition(data: bytes) -> list[tuple[int, str]]:
+    """(number, line) of each non-blank line: Hadoop's LineReader ends lines at LF, CRLF or a
+    lone CR, which is what bytes.splitlines splits on; blank = empty or spaces only."""
+    return [(i + 1, b.decode("utf-8", "replace")) for i, b in enumerate(data.splitlines()) if b.strip(b" ")]
+
+
+def _read_all(url: str, size: int, min_splits: int, max_bytes: int):
+    got, physical = [], 0
+    for split in plan({url: size}, min_splits, max_bytes):
+        lines_in, records = count_lines(split)
+        numbers, lines = read_lines(split, physical + 1)
+        assert len(lines) == records  # the two counts agree split by split
+        got += list(zip(numbers.tolist(), lines, strict=True))
+        physical += lines_in
+    return got, physical
+
+
+def test_every_line_is_read_once_whatever_the_cuts(tmp_path):
+    """Random files of LF / CRLF / lone-CR lines, blank and space-only lines, invalid UTF-8 and
+    the characters str.splitlines (not Hadoop) splits on, cut into random byte ranges."""
+    rng = random.Random(7)
+    path = tmp_path / "f.csv"
+    for _ in range(1500):
+        parts = []
+        for _ in range(rng.randint(0, 12)):
+            parts += [rng.choice(PIECES) * rng.randint(0, 3), rng.choice(ENDS)]
+        if parts and rng.random() < 0.5:
+            parts.pop()  # no terminator after the last line
+        data = b"".join(parts)
+        path.write_bytes(data)
+        got, physical = _read_all(f"file://{path}", len(data), rng.randint(1, 8), rng.randint(1, 7))
+        assert got == _definition(data), data
+        assert physical == len(data.splitlines()), data
+
+
+def test_a_real_file_cut_in_two_gives_its_lines_in_order(tmp_path):
+    import gzip
+
+    from conftest import AG_TEST
+
+    data = gzip.open(AG_TEST).read()
+    path = tmp_path / "ag.csv"
+    path.write_bytes(data)
+    got, physical = _read_all(f"file://{path}", len(data), 2, 1 << 30)
+    assert physical == len(got) == 7600 and got == _definition(data)
+
+
+@pytest.mark.parametrize("sizes, min_splits, max_bytes, expect", [
+    ({"a": 10}, 2, 100, [("a", 0, 5), ("a", 5, 10)]),
+    ({"a": 10, "b": 0, "c": 3}, 1, 4, [("a", 0, 4), ("a", 4, 8), ("a", 8, 10), ("c", 0, 3)]),
+    ({"a": 0}, 4, 100, []),
+])
+def test_splits_cover_every_byte_once_and_no_more_than_asked(sizes, min_splits, max_bytes, expect):
+    assert [(s.url, s.start, s.end) for s in plan(sizes, min_splits, max_bytes)] == expect
