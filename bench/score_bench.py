@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -143,7 +146,29 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _same_work_child(args_json: str) -> None:
+    """The one-process reference, run in a fresh interpreter: for each of the job's splits,
+    count its lines and score it (score_tasks.score_split), on one core. Prints [wall s, CPU s]."""
+    from dl_pipeline.line_splits import LineSplit
+    from dl_pipeline.score import _bundle
+
+    a = json.loads(args_json)
+    torch.set_num_threads(1)
+    task = ScoreTask(**{**a["task"], "ids": tuple(a["task"]["ids"]), "scored_at": dt.datetime.fromisoformat(a["task"]["scored_at"])})
+    splits = [LineSplit(**s) for s in a["splits"]]
+    _bundle(task.model_url, task.version)  # loaded once, as in a warm Spark worker
+    t0, c0 = time.perf_counter(), time.process_time()
+    first = 1
+    for i, split in enumerate(splits):
+        physical, _ = count_lines(split)
+        score_split(split, first, i, task)
+        first += physical
+    print(json.dumps([time.perf_counter() - t0, time.process_time() - c0]))
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--same-work-child":
+        return _same_work_child(sys.argv[2])
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--udf-rows", type=int, default=100_000,
@@ -179,12 +204,14 @@ def main() -> None:
     splits = plan({to_url(data): os.path.getsize(data)}, 2 * spark.sparkContext.defaultParallelism, MAX_SPLIT_BYTES)
 
     def one_process_same_work():
-        torch.set_num_threads(1)
-        first = 1
-        for i, split in enumerate(splits):
-            physical, _ = count_lines(split)
-            score_split(split, first, i, task)
-            first += physical
+        """-> (wall s, CPU s) of the work in a fresh interpreter (as a Spark worker is one), timed
+        there after its imports and the model's load (a warm worker has both)."""
+        args_json = json.dumps({"data": data, "task": {**task.__dict__, "scored_at": task.scored_at.isoformat()},
+                                "splits": [s.__dict__ for s in splits]})
+        out = subprocess.run([sys.executable, __file__, "--same-work-child", args_json], check=True, capture_output=True,
+                             text=True).stdout
+        wall, cpu = json.loads(out.strip().splitlines()[-1])
+        return wall, cpu
 
     # The same job with Spark's own text reader and Parquet writer (score.io=spark), in the same
     # rounds: the part of the cost that was the JVM's moving of rows.
@@ -202,9 +229,9 @@ def main() -> None:
         spark_runs.append(time.perf_counter() - t0)
         for k, v in cpu_delta(c0, spark_cpu_seconds()).items():
             spark_cpu.setdefault(k, []).append(v)
-        c0 = time.process_time()
-        same_runs.append(_timed(one_process_same_work))
-        same_cpu += time.process_time() - c0
+        wall, cpu = one_process_same_work()
+        same_runs.append(wall)
+        same_cpu += cpu
     torch.set_num_threads(2)
     # Per run, the median of the runs (a Python worker that ends during a run takes its CPU
     # seconds with it: the counters of live processes are summed).
@@ -293,8 +320,9 @@ def main() -> None:
             "wall_s": round(statistics.median(same_runs), 2), "runs_s": [round(x, 2) for x in same_runs],
             "rows_per_s": round(args.rows / statistics.median(same_runs)), "torch_threads": 1,
             "cpu_us_per_row": round(same_cpu / args.repeats / args.rows * 1e6, 2),
-            "what": "the job's splits one after another: count lines, read, parse, clean, featurize, predict, write "
-                    "Parquet (score_tasks.count_lines + score_split)"},
+            "what": "the job's splits one after another in a fresh interpreter, timed after its imports and model "
+                    "load: count lines, read, parse, clean, featurize, predict, write Parquet "
+                    "(score_tasks.count_lines + score_split)"},
         "one_process_parse_clean_featurize_predict_1_thread": {"wall_s": round(one_process_1thread_s, 2),
                                                                "rows_per_s": round(args.rows / one_process_1thread_s)},
         "row_at_a_time_udf": {"rows": args.udf_rows, "wall_s": round(udf_s, 2), "rows_per_s": round(args.udf_rows / udf_s),
