@@ -77,8 +77,8 @@ def input_files(fs, path: str) -> list[str] | None:
         files = [e["name"] for e in entries if not os.path.basename(e["name"]).startswith(("_", "."))]
     elif any(c in path for c in "*?["):
         files = fs.glob(path)
-        if any(fs.isdir(f) for f in files):
-            return None
+        if any(fs.isdir(f) or os.path.basename(f).startswith(("_", ".")) for f in files):
+            return None  # whether Spark reads a hidden file a glob names is its listing's business
     else:
         files = [path] if fs.exists(path) else []
     return sorted(files)
