@@ -46,32 +46,43 @@ def plan(sizes: dict[str, int], min_splits: int, max_split_bytes: int) -> list[L
 def _first_line_start(fh, pos: int, size: int) -> int:
     """The first line start at or after byte ``pos`` of the open binary file ``fh`` of ``size``
     bytes (``size`` when none). Lines start after a terminator; the first terminator at or
-    after ``pos - 1`` gives it (a CRLF there: the byte after its LF)."""
+    after ``pos - 1`` gives it (a CRLF there: the byte after its LF). Each byte is searched once."""
     if pos == 0 or pos >= size:
         return min(pos, size)
     base = pos - 1
     fh.seek(base)
-    buf = fh.read(_TAIL_READ)
     while True:
-        nl, cr = buf.find(b"\n"), buf.find(b"\r")
-        t = min(x for x in (nl, cr) if x >= 0) if max(nl, cr) >= 0 else -1
-        if t >= 0 and (buf[t] == 0x0A or t + 1 < len(buf) or base + t + 1 >= size):
-            crlf = buf[t] == 0x0D and t + 1 < len(buf) and buf[t + 1] == 0x0A
-            return base + t + (2 if crlf else 1)
-        more = fh.read(_TAIL_READ)  # no terminator yet, or a CR whose next byte is not read yet
-        if not more:
+        buf = fh.read(_TAIL_READ)
+        if not buf:
             return size
-        buf += more
+        hits = [x for x in (buf.find(b"\n"), buf.find(b"\r")) if x >= 0]
+        if not hits:
+            base += len(buf)
+            continue
+        t = min(hits)
+        if buf[t] == 0x0A:
+            return base + t + 1
+        # A CR: one more line start after it, or after the LF of its CRLF. When the CR ends the
+        # chunk, the file is positioned just after it.
+        nxt = buf[t + 1:t + 2] or fh.read(1)
+        return base + t + (2 if nxt == b"\n" else 1)
+
+
+# Hadoop's LineRecordReader drops a UTF-8 byte-order mark at the start of a file (Spark's text
+# source reads with it); the first line keeps its number.
+_BOM = b"\xef\xbb\xbf"
 
 
 def split_bytes(fh, split: LineSplit, size: int) -> bytes:
-    """The bytes of the lines that start in ``split``, terminators included."""
+    """The bytes of the lines that start in ``split``, terminators included (a file's leading
+    byte-order mark left out)."""
     first = _first_line_start(fh, split.start, size)
     last = _first_line_start(fh, split.end, size)
     if last <= first:
         return b""
     fh.seek(first)
-    return fh.read(last - first)
+    data = fh.read(last - first)
+    return data[len(_BOM):] if first == 0 and data.startswith(_BOM) else data
 
 
 def _open(url: str):

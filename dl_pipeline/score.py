@@ -485,34 +485,41 @@ def _check_accounting(rows_in: int, counts: dict[bool, int], date: str) -> None:
 
 
 def _own_io_files(cfg: Config, kind: str, in_path: str) -> list[str] | None:
-    """The input files when score's own tasks read and write them (``score.io``), else None."""
-    from dl_pipeline.score_tasks import COMPRESSED, input_files
+    """The input files (URLs as Spark names them) when score's own tasks read and write them
+    (``score.io``), else None."""
+    from urllib.parse import urlparse
+
+    from dl_pipeline.score_tasks import input_files
     from dl_pipeline.sources import is_line_mode
 
     s = cfg.score
-    fits = kind == "text" and s.input_format == "zhang_csv" and is_line_mode(cfg.data) and s.output_format == "parquet"
+    data = DataConfig(**{**cfg.data.__dict__, "format": "zhang_csv"})  # as _read_input reads it
+    fits = kind == "text" and s.input_format == "zhang_csv" and is_line_mode(data) and s.output_format == "parquet"
     if s.io == "spark" or (s.io == "auto" and not fits):
         return None
     if not fits:
-        raise UserError("score.io=python scores Zhang CSV lines (score.input_format=zhang_csv, UTF-8, data.multiline: false) "
-                        "into Parquet; set score.io=auto")
-    local = all(fsutil.local_path(u) for u in (in_path, s.output_path))
-    if s.io == "auto" and not local:
+        raise UserError("score.io=python scores Zhang CSV lines (score.input_format=zhang_csv, data.encoding UTF-8, "
+                        "data.multiline: false) into Parquet; set score.io=auto")
+    if s.io == "auto" and not all(fsutil.local_path(u) for u in (in_path, s.output_path)):
         return None
     why = fsutil.filesystem_error(in_path) or fsutil.filesystem_error(s.output_path)
     if why:
         raise UserError(f"score.io=python: Python cannot reach {in_path} or {s.output_path} ({why}); set score.io=auto")
     fs, path = fsutil.fs_and_path(in_path)
-    listed = input_files(fs, path)
-    if listed is None or any(f.lower().endswith(COMPRESSED) for f in listed):
+    files, why_not = input_files(fs, path)
+    if why_not:
         if s.io == "python":
-            raise UserError(f"score.io=python reads plain files, uncompressed, named by a file, a folder of files or a glob: "
-                            f"{in_path} is not; set score.io=auto")
+            raise UserError(f"score.io=python cannot read the input as Spark's reader does: {why_not}; set score.io=auto")
         return None
-    if not listed:
+    if not files:
         raise UserError(f"score.input_path={in_path}: no such file or directory; fix the path or --run-date")
-    proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return [fsutil.to_url(f) if proto in ("file", "local") else f"{proto}://{f}" for f in listed]
+    # The URL Spark's input_file_name() gives: the user's scheme (s3a, dbfs), not fsspec's.
+    scheme = urlparse(in_path).scheme
+    if scheme in ("", "file"):
+        return [fsutil.to_url(f) for f in files]
+    if scheme == "dbfs":
+        return ["dbfs:/" + f.removeprefix("/dbfs/").lstrip("/") for f in files]
+    return [f"{scheme}://{f.lstrip('/')}" for f in files]
 
 
 def _score_with_own_io(spark, cfg: Config, bundle, date: str, files: list[str], out: str):

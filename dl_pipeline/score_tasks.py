@@ -9,8 +9,8 @@ ways; a cache; two Parquet writes): bench/score_bench.py. Here the JVM only sche
 
 Two jobs: the first counts each split's lines (terminators, counted: the row numbers' offsets
 and ``rows_in``, apart from the scoring code), the second scores. A task's output files are
-named by its split, written under a hidden name and renamed whole, so a retried or speculative
-attempt replaces them with the same rows. The driver (``score._score_date``) checks the
+named by its split, written in the stage's ``_tmp/`` folder (never moved into the table) and
+moved into place whole, so a retried or speculative attempt replaces them with the same rows. The driver (``score._score_date``) checks the
 accounting and commits as for Spark's writes.
 
 Driver code: ``stage_scores``. Executor code: the ``_*_fn`` closures, which take picklable values.
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,26 +64,43 @@ class ScoreTask:
             raise ValueError("ScoreTask: scored_at must carry its time zone")
 
 
-def input_files(fs, path: str) -> list[str] | None:
-    """The plain files ``path`` (a file, a folder of files, or a glob) names, as Spark's text
-    source lists them (hidden ``_``/``.`` files skipped), or None where Python's listing could
-    differ from Spark's (nested folders, Hadoop's ``{a,b}`` globs): Spark reads those."""
-    import os
+def spark_skips(name: str) -> bool:
+    """Does Spark's file listing skip a file of this name in a folder (its
+    ``shouldFilterOutPathName``): ``_`` (unless it holds ``=``) and ``.`` files, and files being
+    copied, but not Parquet's ``_metadata``/``_common_metadata``."""
+    exclude = (name.startswith("_") and "=" not in name) or name.startswith(".") or name.endswith("._COPYING_")
+    return exclude and not name.startswith(("_common_metadata", "_metadata"))
 
+
+# Characters a path may hold for source_file to read as Spark's input_file_name() writes it
+# (Spark URL-encodes the path; these need no encoding).
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9/._~=+,@-]*")
+
+
+def input_files(fs, path: str) -> tuple[list[str], str | None]:
+    """(the files ``path`` names: a file, a folder of files or a glob, as Spark's text source
+    lists them; why own I/O would not read them as Spark does, naming the file, or None)."""
     if "{" in path:
-        return None
+        return [], f"{path}: a {{a,b}} glob (Hadoop's globbing, not Python's)"
     if fs.isdir(path):
         entries = fs.ls(path, detail=True)
-        if any(e["type"] == "directory" for e in entries):
-            return None
-        files = [e["name"] for e in entries if not os.path.basename(e["name"]).startswith(("_", "."))]
-    elif any(c in path for c in "*?["):
-        files = fs.glob(path)
-        if any(fs.isdir(f) or os.path.basename(f).startswith(("_", ".")) for f in files):
-            return None  # whether Spark reads a hidden file a glob names is its listing's business
+        nested = [e["name"] for e in entries if e["type"] == "directory"]
+        if nested:
+            return [], f"{nested[0]}: a folder inside the input (Spark's listing decides what it reads there)"
+        files = [e["name"] for e in entries if not spark_skips(os.path.basename(e["name"]))]
     else:
-        files = [path] if fs.exists(path) else []
-    return sorted(files)
+        files = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
+        for f in files:
+            if fs.isdir(f):
+                return [], f"{f}: a folder the glob names (Spark's listing decides what it reads there)"
+            if spark_skips(os.path.basename(f)):
+                return [], f"{f}: a hidden name (_ or .), which Spark's reader skips"
+    for f in files:
+        if f.lower().endswith(COMPRESSED):
+            return [], f"{f}: compressed (Spark's reader decompresses it)"
+        if not _PLAIN_PATH.fullmatch(f):
+            return [], f"{f}: characters that Spark URL-encodes in source_file"
+    return sorted(files), None
 
 
 def _run_per_split(spark, n: int, fn) -> list:
@@ -147,22 +166,22 @@ def output_schemas(ids: tuple[str, ...], top_k: int):
 
 
 class _PartWriter:
-    """One Parquet part of a staged partition, opened at its first rows, written under a hidden
-    name and renamed whole at ``close``. Rows are gathered into row groups of ROW_GROUP_ROWS."""
+    """One Parquet part of a staged partition, opened at its first rows. It is written in the
+    stage's ``_tmp/`` folder (never moved into the table) and moved into place whole at
+    ``close``; ``discard`` removes it. Rows are gathered into row groups of ROW_GROUP_ROWS."""
 
-    def __init__(self, url: str, schema):
-        self.url, self.schema, self.pending, self.rows, self.writer = url, schema, [], 0, None
+    def __init__(self, url: str, tmp_folder: str, schema):
+        self.schema, self.pending, self.writer = schema, [], None
         self.fs, self.path = fsutil.fs_and_path(url)
+        self.tmp = fsutil.fs_and_path(tmp_folder)[1]
 
     def write(self, table) -> None:
         if table.num_rows:
             self.pending.append(table)
-            self.rows += table.num_rows
             if sum(t.num_rows for t in self.pending) >= ROW_GROUP_ROWS:
-                self._flush()
+                self.flush()
 
-    def _flush(self) -> None:
-        import os
+    def flush(self) -> None:
         import uuid
 
         import pyarrow as pa
@@ -171,9 +190,8 @@ class _PartWriter:
         if not self.pending:
             return
         if self.writer is None:
-            folder, name = os.path.split(self.path)
-            self.fs.makedirs(folder, exist_ok=True)
-            self.tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+            self.fs.makedirs(self.tmp, exist_ok=True)
+            self.tmp = f"{self.tmp}/{os.path.basename(self.path)}.{uuid.uuid4().hex[:8]}"
             self.fh = self.fs.open(self.tmp, "wb")
             # INT96 timestamps, as Spark writes them: one table, whichever way a date was written.
             self.writer = pq.ParquetWriter(self.fh, self.schema, use_deprecated_int96_timestamps=True)
@@ -181,11 +199,21 @@ class _PartWriter:
         self.pending = []
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         if self.writer is not None:
             self.writer.close()
             self.fh.close()
+            self.fs.makedirs(os.path.dirname(self.path), exist_ok=True)
             self.fs.mv(self.tmp, self.path)
+
+    def discard(self) -> None:
+        """After a failure: close and delete the unfinished file, if one was begun."""
+        if self.writer is not None:
+            for done in (self.writer.close, self.fh.close, lambda: self.fs.rm(self.tmp)):
+                try:
+                    done()
+                except Exception:  # noqa: BLE001 - the task's own error is the one to report
+                    pass
 
 
 def score_split(split: LineSplit, first_number: int, index: int, task: ScoreTask) -> dict[tuple[Any, Any], int]:
@@ -201,24 +229,31 @@ def score_split(split: LineSplit, first_number: int, index: int, task: ScoreTask
     numbers, lines = read_lines(split, first_number)
     scores_schema, rejects_schema = output_schemas(task.ids, task.top_k)
     part = f"part-{index:05d}.parquet"
-    scores = _PartWriter(fsutil.join(task.stage, "scores", f"dt={task.date}", part), scores_schema)
-    rejects = _PartWriter(fsutil.join(task.stage, "rejects", f"dt={task.date}", part), rejects_schema)
+    tmp = fsutil.join(task.stage, "_tmp")
+    scores = _PartWriter(fsutil.join(task.stage, "scores", f"dt={task.date}", part), tmp, scores_schema)
+    rejects = _PartWriter(fsutil.join(task.stage, "rejects", f"dt={task.date}", part), tmp, rejects_schema)
     tally: collections.Counter = collections.Counter()
     step = task.records_per_batch
-    for n_batch, a in enumerate(range(0, len(lines), step)):
-        if task.inject_failure and n_batch == 1:  # test hook: die mid-task, after output began
-            raise RuntimeError("injected scoring failure")
-        pdf = pd.DataFrame({"source_file": split.url, "row_number": numbers[a:a + step], "raw": lines[a:a + step]})
-        out = scored_rows(bundle, pdf, list(task.ids), task.batch_size, task.top_k, task.max_chars, task.separator,
-                          task.num_fields)
-        if task.drop_a_row and n_batch == 0:  # test hook: lose a row (the accounting must catch it)
-            out = out.iloc[1:]
-        tally.update(zip(out["reason"], out["label_name"], strict=True))
-        out["scored_at"] = pd.Timestamp(task.scored_at)
-        table = pa.Table.from_pandas(out, preserve_index=False)
-        bad = pc.is_valid(table.column("reason"))
-        scores.write(table.filter(pc.invert(bad)).select(scores_schema.names).cast(scores_schema))
-        rejects.write(table.filter(bad).select(rejects_schema.names).cast(rejects_schema))
-    scores.close()
-    rejects.close()
+    try:
+        for n_batch, a in enumerate(range(0, len(lines), step)):
+            if task.inject_failure and n_batch == 1:  # test hook: die mid-task, with a part begun
+                scores.flush()
+                raise RuntimeError("injected scoring failure")
+            pdf = pd.DataFrame({"source_file": split.url, "row_number": numbers[a:a + step], "raw": lines[a:a + step]})
+            out = scored_rows(bundle, pdf, list(task.ids), task.batch_size, task.top_k, task.max_chars, task.separator,
+                              task.num_fields)
+            if task.drop_a_row and n_batch == 0:  # test hook: lose a row (the accounting must catch it)
+                out = out.iloc[1:]
+            tally.update(zip(out["reason"], out["label_name"], strict=True))
+            out["scored_at"] = pd.Timestamp(task.scored_at)
+            table = pa.Table.from_pandas(out, preserve_index=False)
+            bad = pc.is_valid(table.column("reason"))
+            scores.write(table.filter(pc.invert(bad)).select(scores_schema.names).cast(scores_schema))
+            rejects.write(table.filter(bad).select(rejects_schema.names).cast(rejects_schema))
+        scores.close()
+        rejects.close()
+    except BaseException:
+        scores.discard()
+        rejects.discard()
+        raise
     return tally

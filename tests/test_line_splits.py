@@ -12,7 +12,9 @@ ENDS = [b"\n", b"\r\n", b"\r", b"\n\n", b"\r\r\n", b"\n", b"\n"]
 
 def _definition(data: bytes) -> list[tuple[int, str]]:
     """(number, line) of each non-blank line: Hadoop's LineReader ends lines at LF, CRLF or a
-    lone CR, which is what bytes.splitlines splits on; blank = empty or spaces only."""
+    lone CR, which is what bytes.splitlines splits on, and its LineRecordReader drops a UTF-8
+    byte-order mark at the start of a file; blank = empty or spaces only."""
+    data = data.removeprefix(b"\xef\xbb\xbf")
     return [(i + 1, b.decode("utf-8", "replace")) for i, b in enumerate(data.splitlines()) if b.strip(b" ")]
 
 
@@ -27,9 +29,12 @@ def _read_all(url: str, size: int, min_splits: int, max_bytes: int):
     return got, physical
 
 
-def test_every_line_is_read_once_whatever_the_cuts(tmp_path):
-    """Random files of LF / CRLF / lone-CR lines, blank and space-only lines, invalid UTF-8 and
-    the characters str.splitlines (not Hadoop) splits on, cut into random byte ranges."""
+def test_every_line_is_read_once_whatever_the_cuts(tmp_path, monkeypatch):
+    """Random files of LF / CRLF / lone-CR lines, blank and space-only lines, invalid UTF-8, a
+    byte-order mark, and the characters str.splitlines (not Hadoop) splits on, cut into random
+    byte ranges, read ahead a few bytes at a time (so line ends fall across reads)."""
+    from dl_pipeline import line_splits
+
     rng = random.Random(7)
     path = tmp_path / "f.csv"
     for _ in range(1500):
@@ -38,11 +43,27 @@ def test_every_line_is_read_once_whatever_the_cuts(tmp_path):
             parts += [rng.choice(PIECES) * rng.randint(0, 3), rng.choice(ENDS)]
         if parts and rng.random() < 0.5:
             parts.pop()  # no terminator after the last line
-        data = b"".join(parts)
+        data = (b"\xef\xbb\xbf" if rng.random() < 0.2 else b"") + b"".join(parts)
         path.write_bytes(data)
+        monkeypatch.setattr(line_splits, "_TAIL_READ", rng.randint(1, 5))
         got, physical = _read_all(f"file://{path}", len(data), rng.randint(1, 8), rng.randint(1, 7))
         assert got == _definition(data), data
-        assert physical == len(data.splitlines()), data
+        assert physical == len(data.removeprefix(b"\xef\xbb\xbf").splitlines()), data
+
+
+@pytest.mark.parametrize("k", [65534, 65535, 65536])
+def test_a_crlf_across_the_read_ahead_is_one_line_end(tmp_path, k):
+    """A split starting inside a line longer than one read-ahead (64 KiB), its CR the last byte
+    read (k = 65535) or about to be: the next line starts after the LF."""
+    from dl_pipeline.line_splits import LineSplit
+
+    data = b"x" * k + b"\r\n" + b"y\n"
+    path = tmp_path / "long.csv"
+    path.write_bytes(data)
+    url = f"file://{path}"
+    numbers, lines = read_lines(LineSplit(url, 1, len(data)), 2)
+    assert numbers.tolist() == [2] and lines == ["y"]
+    assert count_lines(LineSplit(url, 0, 1)) == (1, 1) and count_lines(LineSplit(url, 1, len(data))) == (1, 1)
 
 
 def test_a_real_file_cut_in_two_gives_its_lines_in_order(tmp_path):

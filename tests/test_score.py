@@ -129,6 +129,7 @@ def test_crash_mid_run_keeps_previous_partition_then_rerun_completes(spark, scor
             score_batch(spark, cfg)
     finally:
         spark.conf.unset(INJECT_FAILURE_CONF)
+    assert not [f for _, _, fs in os.walk(os.path.join(out, "_staging")) for f in fs]  # the failed run's parts are gone
     kept = _partition(out, "2026-11-20")
     assert len(kept) == 7600 and kept["row_number"].is_unique
     summary = score_batch(spark, cfg)["summary"]
@@ -251,7 +252,9 @@ def test_own_io_scores_every_line_as_spark_io_does(spark, ag_model, tmp_path, mo
     odd = [b'"3","Stocks","Markets rose on Monday"', b"", b"   ", b'"1","bad","bytes \xff\xfe kept \xe2\x82 too"',
            b'"2","a","b"\r', b'"4","bro"ken","x"', b'"1","",""', b'"2","sep\xe2\x80\xa8u","x\x0cy"', b'"1","t","b"']
     (folder / "a.csv").write_bytes(b"\n".join(odd) + b'\r\n"3","x","y"\r"4","last","no newline"')
-    (folder / "b.csv").write_bytes(b"".join(b'"%d","title %d","body %d of day"\n' % (i % 4 + 1, i, i) for i in range(2000)))
+    ends = [b"\n", b"\r\n", b"\r", b"\n\n", b"\n  \r\n"]  # cut inside and across line ends, blank lines between
+    (folder / "b.csv").write_bytes(b"\xef\xbb\xbf" + b"".join(b'"%d","title %d","body %d of day"' % (i % 4 + 1, i, i) + ends[i % 5]
+                                                         for i in range(2000)))
     (folder / "_hidden.csv").write_bytes(b'"1","never","read"\n')
     monkeypatch.setattr(score_tasks, "MAX_SPLIT_BYTES", 4000)  # ~18 splits, cut inside lines
     tables, summaries = {}, {}
@@ -265,6 +268,8 @@ def test_own_io_scores_every_line_as_spark_io_does(spark, ag_model, tmp_path, mo
                       .sort_values(["source_file", "row_number"], ignore_index=True) for sub in ("", "_rejects/")]
     assert summaries["python"] == summaries["spark"]
     assert (summaries["python"]["rows_in"], summaries["python"]["rejected"]) == (2009, 2)
+    first_b = tables["python"][0].query("source_file.str.endswith('b.csv')")
+    assert first_b["label_raw"].iloc[0] == "1" and first_b["row_number"].iloc[:5].tolist() == [1, 2, 3, 4, 6]
     for own, theirs in zip(tables["python"], tables["spark"], strict=True):
         assert list(own.columns) == list(theirs.columns)
         assert own["scored_at"].nunique() == 1
@@ -281,8 +286,12 @@ def test_own_io_refuses_what_it_cannot_read_in_one_line(spark, scored):
     from dl_pipeline.errors import UserError
 
     cfg, _ = scored
-    with pytest.raises(UserError, match=r"score.io=python reads plain files, uncompressed.*test.csv.gz is not; set score.io=auto"):
+    with pytest.raises(UserError, match=r"score.io=python cannot read .*test.csv.gz: compressed .*; set score.io=auto"):
         score_batch(spark, replace(cfg, score={"io": "python", "input_path": AG_TEST}))
+    spaced = os.path.join(os.path.dirname(cfg.score.input_path), "a day.csv")
+    shutil.copy(cfg.score.input_path, spaced)
+    with pytest.raises(UserError, match=r"a day.csv: characters that Spark URL-encodes in source_file; set score.io=auto"):
+        score_batch(spark, replace(cfg, score={"io": "python", "input_path": spaced}))
     with pytest.raises(UserError, match=r"score.io=python scores Zhang CSV lines .* set score.io=auto"):
         score_batch(spark, replace(cfg, score={"io": "python", "input_format": "json"}))
 
