@@ -156,11 +156,17 @@ def sha256_and_size(url: str) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def spark_skips(name: str) -> bool:
+    """Does Spark's file source skip a file of this name in a folder: ``.`` names, ``_`` names
+    unless they hold ``=`` (partition-like), and files still being copied (``._COPYING_``)."""
+    return (name.startswith("_") and "=" not in name) or name.startswith(".") or name.endswith("._COPYING_")
+
+
 def expand(url: str) -> list[str]:
     """A file, a directory (its files) or a glob -> sorted file URLs."""
     fs, path = fs_and_path(url)
     if fs.isdir(path):
-        files = [p for p in fs.find(path) if not os.path.basename(p).startswith(("_", "."))]
+        files = [p for p in fs.find(path) if not spark_skips(os.path.basename(p))]
     else:
         files = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
     proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol

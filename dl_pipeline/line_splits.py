@@ -128,7 +128,9 @@ def count_lines(split: LineSplit) -> tuple[int, int]:
 
 def is_blank(line: str) -> bool:
     """A blank line: empty or spaces only (Spark's ``trim`` removes spaces only). A blank line is
-    no record (Spark's CSV reader skips them too); it keeps its number."""
+    no record (Spark's CSV reader skips them too); it keeps its number. The same rule as
+    ``sources.blank_line``, the Column Spark's reading path filters with; the score.io
+    differential test holds the two together."""
     return not line.strip(" ")
 
 

@@ -64,14 +64,6 @@ class ScoreTask:
             raise ValueError("ScoreTask: scored_at must carry its time zone")
 
 
-def spark_skips(name: str) -> bool:
-    """Does Spark's file listing skip a file of this name in a folder (its
-    ``shouldFilterOutPathName``): ``_`` (unless it holds ``=``) and ``.`` files, and files being
-    copied, but not Parquet's ``_metadata``/``_common_metadata``."""
-    exclude = (name.startswith("_") and "=" not in name) or name.startswith(".") or name.endswith("._COPYING_")
-    return exclude and not name.startswith(("_common_metadata", "_metadata"))
-
-
 # Characters a path may hold for source_file to read as Spark's input_file_name() writes it
 # (Spark URL-encodes the path; these need no encoding).
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9/._~=+,@-]*")
@@ -87,13 +79,13 @@ def input_files(fs, path: str) -> tuple[list[str], str | None]:
         nested = [e["name"] for e in entries if e["type"] == "directory"]
         if nested:
             return [], f"{nested[0]}: a folder inside the input (Spark's listing decides what it reads there)"
-        files = [e["name"] for e in entries if not spark_skips(os.path.basename(e["name"]))]
+        files = [e["name"] for e in entries if not fsutil.spark_skips(os.path.basename(e["name"]))]
     else:
         files = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
         for f in files:
             if fs.isdir(f):
                 return [], f"{f}: a folder the glob names (Spark's listing decides what it reads there)"
-            if spark_skips(os.path.basename(f)):
+            if fsutil.spark_skips(os.path.basename(f)):
                 return [], f"{f}: a hidden name (_ or .), which Spark's reader skips"
     for f in files:
         if f.lower().endswith(COMPRESSED):

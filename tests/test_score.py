@@ -282,6 +282,19 @@ def test_own_io_scores_every_line_as_spark_io_does(spark, ag_model, tmp_path, mo
     assert whole.schema == spark.read.parquet(str(tmp_path / "spark")).schema and whole.count() == 2007
 
 
+def test_python_lists_a_folder_as_sparks_reader_does(spark, tmp_path):
+    """fsutil.expand (prepare's and score's own listing) names the files Spark's text source
+    reads: it skips _ and . names (Parquet's _metadata too) and files being copied, but keeps _k=v."""
+    from pyspark.sql import functions as F
+
+    from dl_pipeline import fsutil
+
+    for name in ("a.csv", "_hidden.csv", ".dot.csv", "b.csv._COPYING_", "_k=v.csv", "_metadata", "_common_metadata"):
+        (tmp_path / name).write_text(f"{name}\n")
+    read = {r[0] for r in spark.read.text(str(tmp_path)).select(F.input_file_name()).collect()}
+    assert set(fsutil.expand(str(tmp_path))) == read == {f"file://{tmp_path}/{n}" for n in ("a.csv", "_k=v.csv")}
+
+
 def test_own_io_refuses_what_it_cannot_read_in_one_line(spark, scored):
     from dl_pipeline.errors import UserError
 
