@@ -38,8 +38,9 @@ from dl_pipeline.features import clean_record, featurize_texts
 from dl_pipeline.fsutil import to_url
 from dl_pipeline.line_splits import count_lines, plan
 from dl_pipeline.prepare import prepare_dataset
-from dl_pipeline.score import _predict, predict_texts, score_batch
+from dl_pipeline.score import score_batch
 from dl_pipeline.score_tasks import MAX_SPLIT_BYTES, ScoreTask, score_split
+from dl_pipeline.scoring import predict, predict_texts
 from dl_pipeline.sources import parse_and_clean_lines, parse_zhang_line
 from dl_pipeline.spark import get_spark
 from dl_pipeline.train.driver import train_model
@@ -93,7 +94,7 @@ def _inference_bound(spark, args, fasttext_path: str) -> dict:
     with open(data, encoding="utf-8") as fh:
         texts = [clean_record(parse_zhang_line(line.rstrip("\n"), 3)[1], ". ") for line in fh]
     feats = {"chars": featurize_texts(texts, bundle.model_featurizer)["chars"]}
-    ceiling_s = _timed(lambda: _predict(bundle, feats, 256, 0))
+    ceiling_s = _timed(lambda: predict(bundle, feats, 256, 0))
     return {"model": "char_cnn small (untrained weights: inference cost only)", "rows": n,
             "spark_job": {"wall_s": round(spark_s, 2), "rows_per_s": round(n / spark_s, 1)},
             "ceiling_prefeaturized_one_process": {"wall_s": round(ceiling_s, 2), "rows_per_s": round(n / ceiling_s, 1)},
@@ -129,10 +130,10 @@ def _image_model(spark, args) -> dict:
     spark_s = statistics.median(_timed(lambda: score_batch(spark, cfg)) for _ in range(args.repeats))
     bundle = load_bundle(path)
     feats = {"image": pixels[..., None].copy()}
-    ceiling_s = statistics.median(_timed(lambda: _predict(bundle, feats, 128, 0)) for _ in range(args.repeats))
+    ceiling_s = statistics.median(_timed(lambda: predict(bundle, feats, 128, 0)) for _ in range(args.repeats))
     blobs = [open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))]
     full_s = statistics.median(
-        _timed(lambda: _predict(bundle, {"image": np.stack([decode_image(b, spec) for b in blobs])}, 128, 0))
+        _timed(lambda: predict(bundle, {"image": np.stack([decode_image(b, spec) for b in blobs])}, 128, 0))
         for _ in range(args.repeats))
     return {"model": "cnn (LeNet, untrained weights: inference cost only)", "images": n, "input": "PNG files, 28x28 grayscale",
             "spark_job": {"wall_s": round(spark_s, 2), "images_per_s": round(n / spark_s, 1)},
@@ -151,13 +152,13 @@ def _same_work_child(args_json: str) -> None:
     """The one-process reference, run in a fresh interpreter: for each of the job's splits,
     count its lines and score it (score_tasks.score_split), on one core. Prints [wall s, CPU s]."""
     from dl_pipeline.line_splits import LineSplit
-    from dl_pipeline.score import _bundle
+    from dl_pipeline.scoring import worker_bundle
 
     a = json.loads(args_json)
     torch.set_num_threads(1)
     task = ScoreTask(**{**a["task"], "ids": tuple(a["task"]["ids"]), "scored_at": dt.datetime.fromisoformat(a["task"]["scored_at"])})
     splits = [LineSplit(**s) for s in a["splits"]]
-    _bundle(task.model_url, task.version)  # loaded once, as in a warm Spark worker
+    worker_bundle(task.model_url, task.version)  # loaded once, as in a warm Spark worker
     # Warm, as the job's workers are after its warm-up run: the first calls load numba's cached
     # kernel and set up torch's kernels (~0.5 s).
     warm = dataclasses.replace(task, stage=task.stage + "_warmup")
@@ -252,7 +253,7 @@ def main() -> None:
         texts = [clean_record(parse_zhang_line(line.rstrip("\n"), 3)[1], ". ") for line in fh]
     feats = featurize_texts(texts, bundle.featurizer)
     feats = {k: v for k, v in feats.items() if k == "tokens"} if bundle.model_spec["name"] == "fasttext" else feats
-    ceiling_s = statistics.median(_timed(lambda: _predict(bundle, feats, 1024, 0)) for _ in range(args.repeats))
+    ceiling_s = statistics.median(_timed(lambda: predict(bundle, feats, 1024, 0)) for _ in range(args.repeats))
     # The job's whole per-row work (parse + clean + featurize + predict) in one process, from
     # the raw lines already in memory, for reference.
     with open(data, encoding="utf-8") as fh:
@@ -284,7 +285,7 @@ def main() -> None:
 
         b = s._bundle(model_url, model_version)
         f = featurize_texts([clean_record([title, text], ". ")], b.featurizer)
-        return int(_predict(b, f, 1, 0)["index"][0]) + 1
+        return int(predict(b, f, 1, 0)["index"][0]) + 1
 
     # Both sides on the same cores (this local[2] session) and the same rows: the first
     # --udf-rows rows of the corpus (the same seed draws the same rows first), read from the

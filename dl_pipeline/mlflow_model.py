@@ -7,7 +7,7 @@ fields as string columns, in the order training read them (``model_config["text_
 e.g. title, text), or encoded image bytes in ``model_config["image_column"]``, and returns one row
 per input row: ``prediction`` (label id, label_base added; null when the row cannot be scored),
 ``label_name``, ``probability`` and ``reason`` ("" when scored, else why not) -- what
-``dl-pipeline score`` writes for the same row (both run ``score.score_frame``). Through
+``dl-pipeline score`` writes for the same row (both run ``scoring.score_frame``). Through
 ``mlflow.pyfunc.spark_udf`` read ``prediction`` as a double: MLflow's struct conversion cannot
 put a rejected row's null into an integer field.
 """
@@ -29,7 +29,7 @@ class BundleModel(PythonModel):
         self.config = dict(context.model_config or {})
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from dl_pipeline.score import score_frame
+        from dl_pipeline.scoring import score_frame
 
         bundle, cfg = self.bundle, self.config
         n = len(model_input)

@@ -215,9 +215,9 @@ def score_split(split: LineSplit, first_number: int, index: int, task: ScoreTask
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from dl_pipeline.score import _bundle, scored_rows
+    from dl_pipeline.scoring import scored_rows, worker_bundle
 
-    bundle = _bundle(task.model_url, task.version)
+    bundle = worker_bundle(task.model_url, task.version)
     numbers, lines = read_lines(split, first_number)
     scores_schema, rejects_schema = output_schemas(task.ids, task.top_k)
     part = f"part-{index:05d}.parquet"

@@ -14,7 +14,8 @@ import pytest
 from conftest import AG_TEST, AG_TRAIN, ROOT, SAMPLE, paused_pids, read_split
 from dl_pipeline.config import replace
 from dl_pipeline.features import clean_record
-from dl_pipeline.score import DROP_ROW_CONF, INJECT_FAILURE_CONF, predict_texts, score_batch
+from dl_pipeline.score import DROP_ROW_CONF, INJECT_FAILURE_CONF, score_batch
+from dl_pipeline.scoring import predict_texts
 from dl_pipeline.sources import parse_zhang_line
 
 
@@ -70,12 +71,12 @@ def test_predictions_equal_in_process_predictions(scored):
 def test_every_stored_row_has_the_features_score_computes_from_its_raw_line(spark, ag_prepared):
     """Train/serve parity, row by row: each row prepare stored, in every split (keyed by its
     row_id, the hash of its cleaned text), holds exactly the chars, tokens, length and words
-    that score's own text path (``_text_batch``: parse, check, clean, featurize) computes from
+    that score's own text path (``scoring.text_batch``: parse, check, clean, featurize) computes from
     the raw CSV line it came from."""
     import pandas as pd
     from pyspark.sql import functions as F
 
-    from dl_pipeline.score import _text_batch
+    from dl_pipeline.scoring import text_batch
     from dl_pipeline.sources import parse_and_clean_lines
 
     cfg, manifest = ag_prepared
@@ -84,7 +85,7 @@ def test_every_stored_row_has_the_features_score_computes_from_its_raw_line(spar
     for path in (AG_TRAIN, AG_TEST):
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             lines += [line.rstrip("\n") for line in fh]
-    _, reasons, feats = _text_batch(pd.DataFrame({"raw": lines}), spec, cfg.data.max_text_chars, cfg.data.title_separator, 3)
+    _, reasons, feats = text_batch(pd.DataFrame({"raw": lines}), spec, cfg.data.max_text_chars, cfg.data.title_separator, 3)
     parsed = parse_and_clean_lines(lines, 3, cfg.data.title_separator, cfg.data.max_text_chars, reject_invalid_utf8=False)
     texts = [p[3] for p, r in zip(parsed, reasons, strict=True) if r is None]
     ids = [r[0] for r in spark.createDataFrame([(t,) for t in texts], "text string")
@@ -357,10 +358,10 @@ def _encode(pixels, fmt="PNG", size=None):
 def _expected(bundle, blobs):
     """In-process predictions for encoded images: decoded exactly as prepare decodes them."""
     from dl_pipeline.features import decode_image
-    from dl_pipeline.score import _predict
+    from dl_pipeline.scoring import predict
 
     pixels = np.stack([decode_image(b, bundle.featurizer) for b in blobs])
-    return _predict(bundle, {"image": pixels}, 64, 0)
+    return predict(bundle, {"image": pixels}, 64, 0)
 
 
 def test_image_files_are_scored_like_in_process_and_bad_files_rejected(spark, fm_model, tmp_path):
@@ -491,7 +492,7 @@ def test_image_features_are_identical_in_prepare_and_score(spark, tmp_path):
     from dl_pipeline.config import load_config
     from dl_pipeline.features import image_spec
     from dl_pipeline.prepare import prepare_dataset
-    from dl_pipeline.score import _image_batch
+    from dl_pipeline.scoring import image_batch
 
     blobs = {}
     for i, px in enumerate(_fm_pixels(12)):
@@ -508,7 +509,7 @@ def test_image_features_are_identical_in_prepare_and_score(spark, tmp_path):
     images = read_split(tmp_path / "out", "train", ["image"])["image"]
     assert images.shape == (12, 28, 28, 1) and images.dtype == np.uint8
     stored = sorted(img.tobytes() for img in images)
-    reasons, feats = _image_batch(pd.DataFrame({"content": list(blobs.values()), "reason": [None] * 12}), image_spec(cfg.data))
+    reasons, feats = image_batch(pd.DataFrame({"content": list(blobs.values()), "reason": [None] * 12}), image_spec(cfg.data))
     assert reasons == [None] * 12 and feats["image"].shape == (12, 28, 28, 1)
     assert sorted(img.tobytes() for img in feats["image"]) == stored
 

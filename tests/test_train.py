@@ -226,7 +226,7 @@ def test_a_booby_trapped_checkpoint_is_refused_and_runs_nothing(small_uneven, tm
 
 def test_bundle_loads_in_fresh_process_and_predicts_identically(ag_model):
     from dl_pipeline.bundle import load_bundle
-    from dl_pipeline.score import predict_texts
+    from dl_pipeline.scoring import predict_texts
 
     cfg, metrics = ag_model
     bundle_dir = os.path.join(cfg.train.run_dir, "model")
@@ -239,7 +239,7 @@ def test_bundle_loads_in_fresh_process_and_predicts_identically(ag_model):
     texts = ["Stocks rally as oil falls", "Team wins the championship final", "New chip doubles battery life"]
     here = predict_texts(load_bundle(bundle_dir), texts, batch_size=2)
     code = (
-        "import json,sys; from dl_pipeline.bundle import load_bundle; from dl_pipeline.score import predict_texts;"
+        "import json,sys; from dl_pipeline.bundle import load_bundle; from dl_pipeline.scoring import predict_texts;"
         f"p=predict_texts(load_bundle({bundle_dir!r}), {texts!r}, 2);"
         "print(json.dumps({'i': p['index'].tolist(), 'p': p['probability'].tolist()}))"
     )
@@ -502,7 +502,7 @@ def test_lstm_trains_on_two_ranks_and_its_bundle_predicts_identically_elsewhere(
 
     from dl_pipeline.bundle import load_bundle
     from dl_pipeline.models import sequence_inputs
-    from dl_pipeline.score import predict_texts
+    from dl_pipeline.scoring import predict_texts
 
     run = tmp_path / "lstm"
     cfg = replace(small_uneven, model={"name": "lstm", "lstm_hidden": 16},
@@ -516,7 +516,7 @@ def test_lstm_trains_on_two_ranks_and_its_bundle_predicts_identically_elsewhere(
     texts = ["Stocks rally as oil falls", "Team wins the championship final", "", "New chip doubles battery life"]
     here = predict_texts(bundle, texts, batch_size=3)
     code = (
-        "import json; from dl_pipeline.bundle import load_bundle; from dl_pipeline.score import predict_texts;"
+        "import json; from dl_pipeline.bundle import load_bundle; from dl_pipeline.scoring import predict_texts;"
         f"p=predict_texts(load_bundle({bundle_dir!r}), {texts!r}, 3);"
         "print(json.dumps({'i': p['index'].tolist(), 'p': p['probability'].tolist()}))"
     )
