@@ -7,6 +7,11 @@ terminator, which may lie past ``end``. Terminators are ``\\n``, ``\\r\\n`` and 
 these). Row numbers are physical, 1-based and per file, blank lines included: a split's first
 number comes from the line counts of the splits before it in its file (``count_lines``).
 
+A gzip file (named ``*.gz``, the suffix Hadoop's codec factory decompresses by) cannot be cut:
+it is one split, decompressed as a stream and handed on in pieces of whole lines
+(``CHUNK_BYTES``), so a task never holds the whole file. Python's ``gzip`` reads concatenated
+members as Hadoop's codec does.
+
 Driver code: ``plan``. Executor code: ``count_lines``, ``read_lines``. Splits are picklable values.
 """
 
@@ -14,9 +19,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 # Bytes read past a split's end at a time while looking for the end of its last line.
 _TAIL_READ = 1 << 16
+# Decompressed bytes of a gzip file read at a time: with its lines as str, ~4x this in memory.
+CHUNK_BYTES = 16 << 20
+GZIP_SUFFIX = ".gz"
+
+
+def is_gzip(url: str) -> bool:
+    """Read as gzip: Hadoop's codec factory picks its codec by this suffix, case and all."""
+    return url.endswith(GZIP_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -35,12 +49,14 @@ class LineSplit:
 def plan(sizes: dict[str, int], min_splits: int, max_split_bytes: int) -> list[LineSplit]:
     """Files (url -> size in bytes) -> splits in file order, then byte order: at least
     ``min_splits`` in all where the bytes allow (so every core gets a task), none over
-    ``max_split_bytes``. Empty files get no split (they have no lines)."""
+    ``max_split_bytes``. Empty files get no split (they have no lines); a gzip file gets one,
+    whole, whatever its size."""
     total = sum(sizes.values())
     if total == 0:
         return []
     step = max(1, min(max_split_bytes, -(-total // max(1, min_splits))))
-    return [LineSplit(url, s, min(s + step, size)) for url, size in sizes.items() for s in range(0, size, step)]
+    return [LineSplit(url, s, size if is_gzip(url) else min(s + step, size)) for url, size in sizes.items()
+            for s in range(0, size, size if is_gzip(url) else step)]
 
 
 def _first_line_start(fh, pos: int, size: int) -> int:
@@ -92,6 +108,44 @@ def _open(url: str):
     return fs.open(path, "rb"), fs.size(path)
 
 
+def _gzip_chunks(fh) -> Iterator[bytes]:
+    """The decompressed bytes of the gzip stream ``fh`` in pieces of whole lines (the last may
+    lack its terminator), a leading byte-order mark left out. A piece is cut after its last
+    terminator; a CR at a read's end waits for the next byte (it may be a CRLF)."""
+    import gzip
+
+    with gzip.GzipFile(fileobj=fh) as z:
+        carry, start = b"", True
+        while True:
+            block = z.read(CHUNK_BYTES)
+            buf = carry + block if carry else block
+            if not block:
+                if buf:
+                    yield buf
+                return
+            if start:
+                if len(buf) < len(_BOM) and _BOM.startswith(buf):
+                    carry = buf  # too few bytes yet to tell a byte-order mark
+                    continue
+                buf, start = buf[len(_BOM):] if buf.startswith(_BOM) else buf, False
+            cut = max(buf.rfind(b"\n"), buf.rfind(b"\r", 0, len(buf) - 1)) + 1
+            if cut:
+                yield buf[:cut]
+            carry = buf[cut:]
+
+
+def whole_line_chunks(split: LineSplit) -> Iterator[bytes]:
+    """The bytes of the lines that start in ``split``, terminators included, in pieces that
+    end where a line does: one piece for a plain file's split, ``CHUNK_BYTES`` at a time for a
+    gzip file."""
+    fh, size = _open(split.url)
+    with fh:
+        if is_gzip(split.url):
+            yield from _gzip_chunks(fh)
+        else:
+            yield split_bytes(fh, split, size)
+
+
 def _physical_lines(data: bytes) -> int:
     """Lines in ``data`` (which starts at a line start): its terminators, counted, plus an
     unterminated last line."""
@@ -115,15 +169,15 @@ _BLANK_START = re.compile(rb"\n[\n ]")
 def count_lines(split: LineSplit) -> tuple[int, int]:
     """-> (physical lines, non-blank lines) that start in ``split``. The physical lines are
     terminators counted, not ``read_lines``' split: two independent counts."""
-    fh, size = _open(split.url)
-    with fh:
-        data = split_bytes(fh, split, size)
-    physical = _physical_lines(data)
-    blank = 0
-    if _may_hold_blank_lines(data):
-        lines = data.splitlines()
-        blank = lines.count(b"") + sum(1 for line in lines if line[:1] == b" " and not line.strip(b" "))
-    return physical, physical - blank
+    physical = records = 0
+    for data in whole_line_chunks(split):
+        lines = _physical_lines(data)
+        blank = 0
+        if _may_hold_blank_lines(data):
+            split_up = data.splitlines()
+            blank = split_up.count(b"") + sum(1 for line in split_up if line[:1] == b" " and not line.strip(b" "))
+        physical, records = physical + lines, records + lines - blank
+    return physical, records
 
 
 def is_blank(line: str) -> bool:
@@ -148,17 +202,17 @@ def decode_lines(data: bytes) -> list[str]:
     return [b.decode("utf-8", "replace") for b in data.splitlines()]
 
 
-def read_lines(split: LineSplit, first_number: int):
-    """-> (row numbers int64 [n], lines [n] as str) of the non-blank lines that start in
-    ``split``; ``first_number`` is its first line's number. Invalid UTF-8 becomes U+FFFD, as
-    Spark's ``decode`` does."""
+def read_lines(split: LineSplit, first_number: int) -> Iterator[tuple]:
+    """-> pieces (row numbers int64 [n], lines [n] as str) of the non-blank lines that start in
+    ``split``, in file order (see ``whole_line_chunks``); ``first_number`` is its first line's
+    number. Invalid UTF-8 becomes U+FFFD, as Spark's ``decode`` does."""
     import numpy as np
 
-    fh, size = _open(split.url)
-    with fh:
-        data = split_bytes(fh, split, size)
-    lines = decode_lines(data)
-    if not _may_hold_blank_lines(data):
-        return np.arange(first_number, first_number + len(lines), dtype=np.int64), lines
-    keep = [i for i, line in enumerate(lines) if not is_blank(line)]
-    return np.asarray(keep, dtype=np.int64) + first_number, [lines[i] for i in keep]
+    for data in whole_line_chunks(split):
+        lines = decode_lines(data)
+        if not _may_hold_blank_lines(data):
+            yield np.arange(first_number, first_number + len(lines), dtype=np.int64), lines
+        else:
+            keep = [i for i, line in enumerate(lines) if not is_blank(line)]
+            yield np.asarray(keep, dtype=np.int64) + first_number, [lines[i] for i in keep]
+        first_number += len(lines)

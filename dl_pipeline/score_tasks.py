@@ -26,14 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from dl_pipeline import fsutil
-from dl_pipeline.line_splits import LineSplit, count_lines, plan, read_lines
+from dl_pipeline.line_splits import LineSplit, count_lines, is_gzip, plan, read_lines
 
 # A split is at most this many bytes (Spark's spark.sql.files.maxPartitionBytes default is
 # 128 MB): a task holds its split as bytes and as lines, ~4x this in memory.
 MAX_SPLIT_BYTES = 64 << 20
 # Rows per Parquet row group: batches are gathered to this before they are written.
 ROW_GROUP_ROWS = 1 << 16
-# Hadoop's codecs, by extension: Spark's text source decompresses these, Python tasks do not.
+# Hadoop's codecs, by extension: Spark's text source decompresses these; Python tasks read gzip
+# alone (line_splits), the rest go to Spark's reader.
 COMPRESSED = (".gz", ".bz2", ".deflate", ".lz4", ".snappy", ".zst")
 
 
@@ -88,8 +89,8 @@ def input_files(fs, path: str) -> tuple[list[str], str | None]:
             if fsutil.spark_skips(os.path.basename(f)):
                 return [], f"{f}: a hidden name (_ or .), which Spark's reader skips"
     for f in files:
-        if f.lower().endswith(COMPRESSED):
-            return [], f"{f}: compressed (Spark's reader decompresses it)"
+        if f.lower().endswith(COMPRESSED) and not is_gzip(f):
+            return [], f"{f}: compressed other than gzip (Spark's reader decompresses it)"
         if not _PLAIN_PATH.fullmatch(f):
             return [], f"{f}: characters that Spark URL-encodes in source_file"
     return sorted(files), None
@@ -208,6 +209,13 @@ class _PartWriter:
                     pass
 
 
+def _batches(pieces, step: int):
+    """Pieces (numbers, lines) -> batches of ``step`` rows (the last of each piece may be short)."""
+    for numbers, lines in pieces:
+        for a in range(0, len(lines), step):
+            yield numbers[a:a + step], lines[a:a + step]
+
+
 def score_split(split: LineSplit, first_number: int, index: int, task: ScoreTask) -> dict[tuple[Any, Any], int]:
     """Score the non-blank lines of ``split`` (its first line numbered ``first_number``) and write
     them as part ``index`` of the staged scores and rejects. -> {(reason, label_name): rows}."""
@@ -218,7 +226,6 @@ def score_split(split: LineSplit, first_number: int, index: int, task: ScoreTask
     from dl_pipeline.scoring import scored_rows, worker_bundle
 
     bundle = worker_bundle(task.model_url, task.version)
-    numbers, lines = read_lines(split, first_number)
     scores_schema, rejects_schema = output_schemas(task.ids, task.top_k)
     part = f"part-{index:05d}.parquet"
     tmp = fsutil.join(task.stage, "_tmp")
@@ -227,11 +234,11 @@ def score_split(split: LineSplit, first_number: int, index: int, task: ScoreTask
     tally: collections.Counter = collections.Counter()
     step = task.records_per_batch
     try:
-        for n_batch, a in enumerate(range(0, len(lines), step)):
+        for n_batch, (numbers, lines) in enumerate(_batches(read_lines(split, first_number), step)):
             if task.inject_failure and n_batch == 1:  # test hook: die mid-task, with a part begun
                 scores.flush()
                 raise RuntimeError("injected scoring failure")
-            pdf = pd.DataFrame({"source_file": split.url, "row_number": numbers[a:a + step], "raw": lines[a:a + step]})
+            pdf = pd.DataFrame({"source_file": split.url, "row_number": numbers, "raw": lines})
             out = scored_rows(bundle, pdf, list(task.ids), task.batch_size, task.top_k, task.max_chars, task.separator,
                               task.num_fields)
             if task.drop_a_row and n_batch == 0:  # test hook: lose a row (the accounting must catch it)

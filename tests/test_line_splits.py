@@ -18,15 +18,33 @@ def _definition(data: bytes) -> list[tuple[int, str]]:
     return [(i + 1, b.decode("utf-8", "replace")) for i, b in enumerate(data.splitlines()) if b.strip(b" ")]
 
 
+def _lines(split, first_number):
+    """read_lines' pieces, joined: (numbers, lines)."""
+    numbers, lines = [], []
+    for piece_numbers, piece_lines in read_lines(split, first_number):
+        numbers += piece_numbers.tolist()
+        lines += piece_lines
+    return numbers, lines
+
+
 def _read_all(url: str, size: int, min_splits: int, max_bytes: int):
     got, physical = [], 0
     for split in plan({url: size}, min_splits, max_bytes):
         lines_in, records = count_lines(split)
-        numbers, lines = read_lines(split, physical + 1)
+        numbers, lines = _lines(split, physical + 1)
         assert len(lines) == records  # the two counts agree split by split
-        got += list(zip(numbers.tolist(), lines, strict=True))
+        got += list(zip(numbers, lines, strict=True))
         physical += lines_in
     return got, physical
+
+
+def _random_file(rng) -> bytes:
+    parts = []
+    for _ in range(rng.randint(0, 12)):
+        parts += [rng.choice(PIECES) * rng.randint(0, 3), rng.choice(ENDS)]
+    if parts and rng.random() < 0.5:
+        parts.pop()  # no terminator after the last line
+    return (b"\xef\xbb\xbf" if rng.random() < 0.2 else b"") + b"".join(parts)
 
 
 def test_every_line_is_read_once_whatever_the_cuts(tmp_path, monkeypatch):
@@ -38,12 +56,7 @@ def test_every_line_is_read_once_whatever_the_cuts(tmp_path, monkeypatch):
     rng = random.Random(7)
     path = tmp_path / "f.csv"
     for _ in range(1500):
-        parts = []
-        for _ in range(rng.randint(0, 12)):
-            parts += [rng.choice(PIECES) * rng.randint(0, 3), rng.choice(ENDS)]
-        if parts and rng.random() < 0.5:
-            parts.pop()  # no terminator after the last line
-        data = (b"\xef\xbb\xbf" if rng.random() < 0.2 else b"") + b"".join(parts)
+        data = _random_file(rng)
         path.write_bytes(data)
         monkeypatch.setattr(line_splits, "_TAIL_READ", rng.randint(1, 5))
         got, physical = _read_all(f"file://{path}", len(data), rng.randint(1, 8), rng.randint(1, 7))
@@ -61,9 +74,31 @@ def test_a_crlf_across_the_read_ahead_is_one_line_end(tmp_path, k):
     path = tmp_path / "long.csv"
     path.write_bytes(data)
     url = f"file://{path}"
-    numbers, lines = read_lines(LineSplit(url, 1, len(data)), 2)
-    assert numbers.tolist() == [2] and lines == ["y"]
+    assert _lines(LineSplit(url, 1, len(data)), 2) == ([2], ["y"])
     assert count_lines(LineSplit(url, 0, 1)) == (1, 1) and count_lines(LineSplit(url, 1, len(data))) == (1, 1)
+
+
+def test_a_gzip_file_is_read_whole_as_its_lines_whatever_the_pieces(tmp_path, monkeypatch):
+    """The same random files gzipped (sometimes as two concatenated members, which Hadoop's codec
+    reads on through), decompressed a few bytes at a time: line ends, CRLFs and the byte-order
+    mark fall across pieces. One split, whatever the split size asked."""
+    import gzip
+
+    from dl_pipeline import line_splits
+
+    rng = random.Random(11)
+    path = tmp_path / "f.csv.gz"
+    for _ in range(800):
+        data = _random_file(rng)
+        cut = rng.randint(0, len(data))
+        members = [data[:cut], data[cut:]] if rng.random() < 0.3 else [data]
+        path.write_bytes(b"".join(gzip.compress(m) for m in members))
+        monkeypatch.setattr(line_splits, "CHUNK_BYTES", rng.randint(1, 7))
+        size = path.stat().st_size
+        assert len(plan({f"file://{path}": size}, 4, 3)) == 1
+        got, physical = _read_all(f"file://{path}", size, 4, 3)
+        assert got == _definition(data), data
+        assert physical == len(data.removeprefix(b"\xef\xbb\xbf").splitlines()), data
 
 
 def test_a_real_file_cut_in_two_gives_its_lines_in_order(tmp_path):
@@ -82,6 +117,8 @@ def test_a_real_file_cut_in_two_gives_its_lines_in_order(tmp_path):
     ({"a": 10}, 2, 100, [("a", 0, 5), ("a", 5, 10)]),
     ({"a": 10, "b": 0, "c": 3}, 1, 4, [("a", 0, 4), ("a", 4, 8), ("a", 8, 10), ("c", 0, 3)]),
     ({"a": 0}, 4, 100, []),
+    ({"a.gz": 10, "b": 4}, 4, 3, [("a.gz", 0, 10), ("b", 0, 3), ("b", 3, 4)]),  # gzip: one split, whole
+    ({"a.GZ": 4}, 2, 100, [("a.GZ", 0, 2), ("a.GZ", 2, 4)]),  # not a suffix Hadoop decompresses
 ])
 def test_splits_cover_every_byte_once_and_no_more_than_asked(sizes, min_splits, max_bytes, expect):
     assert [(s.url, s.start, s.end) for s in plan(sizes, min_splits, max_bytes)] == expect

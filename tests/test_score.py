@@ -242,10 +242,13 @@ def test_own_io_scores_every_line_as_spark_io_does(spark, ag_model, tmp_path, mo
     """score.io=python (each task reads its byte range, writes its Parquet part) gives the same
     rows, numbers, predictions, rejects and summary as Spark's text reader and writer, over LF,
     CRLF and lone-CR lines, blank and space-only lines, invalid UTF-8, U+2028 and form feeds (not
-    line ends to Hadoop), no final newline, a hidden file, and splits cut inside lines."""
+    line ends to Hadoop), no final newline, a hidden file, and splits cut inside lines; and a
+    gzip file of two members (one split, decompressed in pieces that end inside lines)."""
+    import gzip
+
     import pandas as pd
 
-    from dl_pipeline import score_tasks
+    from dl_pipeline import line_splits, score_tasks
 
     cfg, _ = ag_model
     folder = tmp_path / "in"
@@ -257,7 +260,10 @@ def test_own_io_scores_every_line_as_spark_io_does(spark, ag_model, tmp_path, mo
     (folder / "b.csv").write_bytes(b"\xef\xbb\xbf" + b"".join(b'"%d","title %d","body %d of day"' % (i % 4 + 1, i, i) + ends[i % 5]
                                                          for i in range(2000)))
     (folder / "_hidden.csv").write_bytes(b'"1","never","read"\n')
+    day = b"".join(b'"%d","zipped %d","a day\'s body %d"' % (i % 4 + 1, i, i) + ends[i % 5] for i in range(600))
+    (folder / "c.csv.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + day[:7001]) + gzip.compress(day[7001:]))
     monkeypatch.setattr(score_tasks, "MAX_SPLIT_BYTES", 4000)  # ~18 splits, cut inside lines
+    monkeypatch.setattr(line_splits, "CHUNK_BYTES", 999)  # the gzip file in ~30 pieces
     tables, summaries = {}, {}
     for io in ("spark", "python"):
         run = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": str(folder),
@@ -268,7 +274,7 @@ def test_own_io_scores_every_line_as_spark_io_does(spark, ag_model, tmp_path, mo
         tables[io] = [pq.read_table(f"{tmp_path}/{io}/{sub}dt=2026-11-22").to_pandas()
                       .sort_values(["source_file", "row_number"], ignore_index=True) for sub in ("", "_rejects/")]
     assert summaries["python"] == summaries["spark"]
-    assert (summaries["python"]["rows_in"], summaries["python"]["rejected"]) == (2009, 2)
+    assert (summaries["python"]["rows_in"], summaries["python"]["rejected"]) == (2609, 2)
     first_b = tables["python"][0].query("source_file.str.endswith('b.csv')")
     assert first_b["label_raw"].iloc[0] == "1" and first_b["row_number"].iloc[:5].tolist() == [1, 2, 3, 4, 6]
     for own, theirs in zip(tables["python"], tables["spark"], strict=True):
@@ -280,7 +286,9 @@ def test_own_io_scores_every_line_as_spark_io_does(spark, ag_model, tmp_path, mo
         pd.testing.assert_frame_equal(own, theirs)
     assert tables["python"][0]["row_number"].tolist()[:6] == [1, 4, 5, 8, 9, 10]
     whole = spark.read.parquet(str(tmp_path / "python"))  # Spark reads what the tasks wrote, with its types
-    assert whole.schema == spark.read.parquet(str(tmp_path / "spark")).schema and whole.count() == 2007
+    assert whole.schema == spark.read.parquet(str(tmp_path / "spark")).schema and whole.count() == 2607
+    zipped = tables["python"][0].query("source_file.str.endswith('c.csv.gz')")
+    assert len(zipped) == 600 and zipped["label_raw"].iloc[0] == "1" and zipped["row_number"].iloc[-1] == 839
 
 
 def test_python_lists_a_folder_as_sparks_reader_does(spark, tmp_path):
@@ -297,11 +305,16 @@ def test_python_lists_a_folder_as_sparks_reader_does(spark, tmp_path):
 
 
 def test_own_io_refuses_what_it_cannot_read_in_one_line(spark, scored):
+    import bz2
+
     from dl_pipeline.errors import UserError
 
     cfg, _ = scored
-    with pytest.raises(UserError, match=r"score.io=python cannot read .*test.csv.gz: compressed .*; set score.io=auto"):
-        score_batch(spark, replace(cfg, score={"io": "python", "input_path": AG_TEST}))
+    packed = os.path.join(os.path.dirname(cfg.score.input_path), "day.csv.bz2")
+    with open(cfg.score.input_path, "rb") as fh, bz2.open(packed, "wb") as out:
+        out.write(fh.read())
+    with pytest.raises(UserError, match=r"score.io=python cannot read .*day.csv.bz2: compressed other than gzip .*; set score.io=auto"):
+        score_batch(spark, replace(cfg, score={"io": "python", "input_path": packed}))
     spaced = os.path.join(os.path.dirname(cfg.score.input_path), "a day.csv")
     shutil.copy(cfg.score.input_path, spaced)
     with pytest.raises(UserError, match=r"a day.csv: characters that Spark URL-encodes in source_file; set score.io=auto"):
@@ -608,22 +621,21 @@ def test_a_model_retrained_at_the_same_path_is_served_at_once(spark, ag_model, t
 
 
 def test_two_runs_of_one_date_do_not_interleave_and_a_dead_runs_lock_is_taken_over(spark, ag_model, tmp_path):
-    """Real processes: while one run of a date holds its lock, a second refuses with one line
-    (exit 2); the first ends whole. A lock left by a killed run (its pid is gone) is taken over."""
-    import time
-
+    """Real processes: while one run of a date holds its lock (held at a pause, its predictions
+    staged), a second refuses with one line (exit 2); the first, let go on, ends whole. A lock
+    left by a killed run (its pid is gone) is taken over."""
     cfg, _ = ag_model
-    out, date = tmp_path / "out", "2026-11-23"
+    out, date, pause = tmp_path / "out", "2026-11-23", tmp_path / "pause"
     lock = out / "_runs" / f"{date}.lock"
     cmd = [sys.executable, "-m", "dl_pipeline.cli", "score", "--set", f"score.model_path={cfg.train.run_dir}/model",
            "--set", f"score.input_path={AG_TEST}", "--set", f"score.output_path={out}", "--set", f"score.run_date={date}",
            "--set", "spark.master=local[1]"]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.time() + 120
-    while not lock.exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert lock.exists(), "the first run never took its lock"
+    first = subprocess.Popen([*cmd, "--set", f"spark.conf.spark.dl_pipeline.test.score_pause=staged:{pause}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    (pid,) = paused_pids(first, pause)
+    assert lock.exists(), "the first run holds no lock while it works"
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    os.remove(pause / str(pid))  # the first run goes on
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     assert second.returncode == 2, second.stderr[-2000:]
     errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
