@@ -270,7 +270,8 @@ def test_own_io_scores_every_line_as_spark_io_does(spark, ag_model, tmp_path, mo
                                   "output_path": str(tmp_path / io), "run_date": "2026-11-22", "io": io, "top_k": 2,
                                   "id_columns": ["source_file", "row_number", "label_raw"]})
         summary = score_batch(spark, run)["summary"]
-        summaries[io] = {k: v for k, v in summary.items() if k not in ("seconds", "output_path")}
+        assert summary["io"] == io
+        summaries[io] = {k: v for k, v in summary.items() if k not in ("seconds", "output_path", "io")}
         tables[io] = [pq.read_table(f"{tmp_path}/{io}/{sub}dt=2026-11-22").to_pandas()
                       .sort_values(["source_file", "row_number"], ignore_index=True) for sub in ("", "_rejects/")]
     assert summaries["python"] == summaries["spark"]
@@ -302,6 +303,23 @@ def test_python_lists_a_folder_as_sparks_reader_does(spark, tmp_path):
         (tmp_path / name).write_text(f"{name}\n")
     read = {r[0] for r in spark.read.text(str(tmp_path)).select(F.input_file_name()).collect()}
     assert set(fsutil.expand(str(tmp_path))) == read == {f"file://{tmp_path}/{n}" for n in ("a.csv", "_k=v.csv")}
+
+
+def test_auto_leaves_a_gzip_file_to_spark_when_it_would_hold_up_the_cores(tmp_path):
+    """A gzip file is one task: auto reads it itself while it holds at most twice an even share of
+    the input per core (its bytes weighed x3), else Spark's reader spreads its lines over the cores."""
+    import fsspec
+
+    from dl_pipeline.score import _a_gzip_file_would_hold_up_the_cores as holds_up
+
+    fs = fsspec.filesystem("file")
+    for name, size in (("big.csv.gz", 1000), ("small.csv.gz", 100), ("plain.csv", 3000)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    big, small, plain = (str(tmp_path / n) for n in ("big.csv.gz", "small.csv.gz", "plain.csv"))
+    assert not holds_up(fs, [big], 2) and holds_up(fs, [big], 3)  # one file: fine on 2 cores, not on 3
+    assert not holds_up(fs, [plain], 64)  # plain files are cut into ranges
+    # weights 3000 + 300 + 3000 = 6300: an even share on 4 cores is 1575, twice that 3150
+    assert not holds_up(fs, [big, small, plain], 4) and holds_up(fs, [big, small, plain], 5)
 
 
 def test_own_io_refuses_what_it_cannot_read_in_one_line(spark, scored):
@@ -648,7 +666,9 @@ def test_two_runs_of_one_date_do_not_interleave_and_a_dead_runs_lock_is_taken_ov
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "earlier"}))
     run = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": AG_TEST,
                               "output_path": str(out), "run_date": date, "top_k": 0})
-    assert score_batch(spark, run)["summary"]["scored"] == 7600 and not lock.exists()
+    summary = score_batch(spark, run)["summary"]
+    assert summary["scored"] == 7600 and not lock.exists()
+    assert summary["io"] == "python"  # auto: one gzip file on 2 cores is read by the task itself
 
 
 @pytest.mark.parametrize("point", ["staged", "commit"])
