@@ -281,9 +281,9 @@ def main() -> None:
 
     @F.udf("int")
     def predict_row(title, text):
-        import dl_pipeline.score as s
+        from dl_pipeline.scoring import worker_bundle
 
-        b = s._bundle(model_url, model_version)
+        b = worker_bundle(model_url, model_version)
         f = featurize_texts([clean_record([title, text], ". ")], b.featurizer)
         return int(predict(b, f, 1, 0)["index"][0]) + 1
 

@@ -33,30 +33,43 @@ def is_gzip(url: str) -> bool:
     return url.endswith(GZIP_SUFFIX)
 
 
+class BrokenFile(ValueError):
+    """An input file that cannot be read as what its name says (a truncated or corrupt gzip file)."""
+
+
 @dataclass(frozen=True)
 class LineSplit:
-    """Bytes ``[start, end)`` of the file at ``url`` (a URL as Spark's ``input_file_name`` gives it)."""
+    """Bytes ``[start, end)`` of the file at ``url`` (a URL as Spark's ``input_file_name`` gives it);
+    a gzip file's split is all of it, decompressed ``chunk_bytes`` at a time."""
 
     url: str
     start: int
     end: int
+    chunk_bytes: int = CHUNK_BYTES
 
     def __post_init__(self) -> None:
-        if not 0 <= self.start <= self.end:
-            raise ValueError(f"LineSplit {self.url}: need 0 <= start <= end, got {self.start}, {self.end}")
+        if not 0 <= self.start <= self.end or self.chunk_bytes < 1:
+            raise ValueError(f"LineSplit {self.url}: need 0 <= start <= end and chunk_bytes >= 1, got {self.start}, "
+                             f"{self.end}, {self.chunk_bytes}")
 
 
 def plan(sizes: dict[str, int], min_splits: int, max_split_bytes: int) -> list[LineSplit]:
     """Files (url -> size in bytes) -> splits in file order, then byte order: at least
     ``min_splits`` in all where the bytes allow (so every core gets a task), none over
     ``max_split_bytes``. Empty files get no split (they have no lines); a gzip file gets one,
-    whole, whatever its size."""
-    total = sum(sizes.values())
-    if total == 0:
-        return []
-    step = max(1, min(max_split_bytes, -(-total // max(1, min_splits))))
-    return [LineSplit(url, s, size if is_gzip(url) else min(s + step, size)) for url, size in sizes.items()
-            for s in range(0, size, size if is_gzip(url) else step)]
+    whole, whatever its size. (Driver code: module settings read here travel in the splits.)"""
+    gzip_files = sum(1 for url, size in sizes.items() if size and is_gzip(url))
+    cut = sum(size for url, size in sizes.items() if not is_gzip(url))  # the bytes ranges are cut from
+    step = max(1, min(max_split_bytes, -(-cut // max(1, min_splits - gzip_files))))
+    splits = []
+    for url, size in sizes.items():
+        if size == 0:
+            continue
+        if is_gzip(url):
+            splits.append(LineSplit(url, 0, size, CHUNK_BYTES))
+        else:
+            splits += [LineSplit(url, s, min(s + step, size), CHUNK_BYTES) for s in range(0, size, step)]
+    return splits
 
 
 def _first_line_start(fh, pos: int, size: int) -> int:
@@ -108,42 +121,53 @@ def _open(url: str):
     return fs.open(path, "rb"), fs.size(path)
 
 
-def _gzip_chunks(fh) -> Iterator[bytes]:
+def _gzip_chunks(fh, chunk_bytes: int) -> Iterator[bytes]:
     """The decompressed bytes of the gzip stream ``fh`` in pieces of whole lines (the last may
-    lack its terminator), a leading byte-order mark left out. A piece is cut after its last
-    terminator; a CR at a read's end waits for the next byte (it may be a CRLF)."""
+    lack its terminator), a leading byte-order mark left out. A piece ends after the last
+    terminator of a read; a CR that ends a read waits for the next byte (it may be a CRLF). A
+    read without a terminator waits for the next: each byte is searched once, whatever the
+    line's length."""
     import gzip
 
     with gzip.GzipFile(fileobj=fh) as z:
-        carry, start = b"", True
+        block = z.read(chunk_bytes)
+        while block and len(block) < len(_BOM) and _BOM.startswith(block):  # too few bytes yet to tell
+            more = z.read(chunk_bytes)
+            if not more:
+                break
+            block += more
+        block = block.removeprefix(_BOM)
+        pending: list[bytes] = []  # bytes read since the last piece, no line end among them
         while True:
-            block = z.read(CHUNK_BYTES)
-            buf = carry + block if carry else block
-            if not block:
-                if buf:
-                    yield buf
-                return
-            if start:
-                if len(buf) < len(_BOM) and _BOM.startswith(buf):
-                    carry = buf  # too few bytes yet to tell a byte-order mark
-                    continue
-                buf, start = buf[len(_BOM):] if buf.startswith(_BOM) else buf, False
-            cut = max(buf.rfind(b"\n"), buf.rfind(b"\r", 0, len(buf) - 1)) + 1
+            cut = max(block.rfind(b"\n"), block.rfind(b"\r", 0, len(block) - 1)) + 1
             if cut:
-                yield buf[:cut]
-            carry = buf[cut:]
+                yield b"".join([*pending, block[:cut]])
+                pending, block = [], block[cut:]
+            if block:
+                pending.append(block)
+            block = z.read(chunk_bytes)
+            if not block:
+                break
+        if pending:
+            yield b"".join(pending)
 
 
 def whole_line_chunks(split: LineSplit) -> Iterator[bytes]:
     """The bytes of the lines that start in ``split``, terminators included, in pieces that
-    end where a line does: one piece for a plain file's split, ``CHUNK_BYTES`` at a time for a
-    gzip file."""
+    end where a line does: one piece for a plain file's split, ``split.chunk_bytes`` at a time
+    for a gzip file. Raises BrokenFile, naming it, for a gzip file cut short or corrupt."""
+    import gzip
+    import zlib
+
     fh, size = _open(split.url)
     with fh:
-        if is_gzip(split.url):
-            yield from _gzip_chunks(fh)
-        else:
+        if not is_gzip(split.url):
             yield split_bytes(fh, split, size)
+            return
+        try:
+            yield from _gzip_chunks(fh, split.chunk_bytes)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise BrokenFile(f"{split.url}: not a whole gzip file ({exc})") from None
 
 
 def _physical_lines(data: bytes) -> int:

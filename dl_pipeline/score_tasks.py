@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dl_pipeline import fsutil
-from dl_pipeline.line_splits import LineSplit, count_lines, is_gzip, plan, read_lines
+from dl_pipeline.errors import UserError
+from dl_pipeline.line_splits import BrokenFile, LineSplit, count_lines, is_gzip, plan, read_lines
 
 # A split is at most this many bytes (Spark's spark.sql.files.maxPartitionBytes default is
 # 128 MB): a task holds its split as bytes and as lines, ~4x this in memory.
@@ -115,7 +116,10 @@ def stage_scores(spark, files: list[str], task: ScoreTask) -> tuple[int, dict[tu
     splits = plan(sizes, 2 * spark.sparkContext.defaultParallelism, MAX_SPLIT_BYTES)
     if not splits:
         return 0, {}
-    counts = sorted(_run_per_split(spark, len(splits), _count_fn(splits)))
+    counts = sorted(_run_per_split(spark, len(splits), _count_fn(splits)), key=lambda c: c[0])
+    broken = [c[2] for c in counts if c[1] is None]
+    if broken:  # found while counting, before anything is written
+        raise UserError(f"{broken[0]}: deliver it again or move it out of the input; the date keeps its previous result")
     first, seen = [], collections.Counter()
     for i, physical, _ in counts:  # splits are in file order, then byte order: a split's first number follows
         url = splits[i].url
@@ -129,8 +133,12 @@ def stage_scores(spark, files: list[str], task: ScoreTask) -> tuple[int, dict[tu
 
 
 def _count_fn(splits: list[LineSplit]):
-    def run(i: int) -> list[tuple[int, int, int]]:
-        return [(i, *count_lines(splits[i]))]
+    def run(i: int) -> list[tuple]:
+        """-> [(i, physical lines, non-blank lines)], or [(i, None, why)] for a broken file."""
+        try:
+            return [(i, *count_lines(splits[i]))]
+        except BrokenFile as exc:
+            return [(i, None, str(exc))]
 
     return run
 

@@ -6,7 +6,7 @@ import os
 import time
 
 
-def wait_to_be_killed(pause_dir: str, seconds: float = 60) -> None:
+def wait_to_be_killed(pause_dir: str, seconds: float = 300) -> None:
     """Announce this process's pid as a file in ``pause_dir`` (written whole, then renamed),
     then wait for the test to kill it with a signal, or to let it go on by deleting that file."""
     os.makedirs(pause_dir, exist_ok=True)

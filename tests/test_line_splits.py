@@ -101,6 +101,23 @@ def test_a_gzip_file_is_read_whole_as_its_lines_whatever_the_pieces(tmp_path, mo
         assert physical == len(data.removeprefix(b"\xef\xbb\xbf").splitlines()), data
 
 
+def test_a_broken_gzip_file_is_named(tmp_path):
+    """A gzip file cut short, or with a corrupt body, stops with its name (score turns it into one
+    line before anything is written)."""
+    import gzip
+
+    from dl_pipeline.line_splits import BrokenFile
+
+    whole = gzip.compress(b'"1","a","b"\n' * 5000)
+    cut, corrupt = tmp_path / "cut.csv.gz", tmp_path / "corrupt.csv.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    corrupt.write_bytes(whole[:20] + bytes(b ^ 0xFF for b in whole[20:40]) + whole[40:])
+    for path in (cut, corrupt):
+        (split,) = plan({f"file://{path}": path.stat().st_size}, 1, 100)
+        with pytest.raises(BrokenFile, match=rf"file://{path}: not a whole gzip file"):
+            count_lines(split)
+
+
 def test_a_real_file_cut_in_two_gives_its_lines_in_order(tmp_path):
     import gzip
 
@@ -117,7 +134,8 @@ def test_a_real_file_cut_in_two_gives_its_lines_in_order(tmp_path):
     ({"a": 10}, 2, 100, [("a", 0, 5), ("a", 5, 10)]),
     ({"a": 10, "b": 0, "c": 3}, 1, 4, [("a", 0, 4), ("a", 4, 8), ("a", 8, 10), ("c", 0, 3)]),
     ({"a": 0}, 4, 100, []),
-    ({"a.gz": 10, "b": 4}, 4, 3, [("a.gz", 0, 10), ("b", 0, 3), ("b", 3, 4)]),  # gzip: one split, whole
+    ({"a.gz": 10, "b": 4, "e.gz": 0}, 4, 3, [("a.gz", 0, 10), ("b", 0, 2), ("b", 2, 4)]),  # gzip: one split, whole
+    ({"a.gz": 1000, "b": 40}, 5, 100, [("a.gz", 0, 1000), ("b", 0, 10), ("b", 10, 20), ("b", 20, 30), ("b", 30, 40)]),
     ({"a.GZ": 4}, 2, 100, [("a.GZ", 0, 2), ("a.GZ", 2, 4)]),  # not a suffix Hadoop decompresses
 ])
 def test_splits_cover_every_byte_once_and_no_more_than_asked(sizes, min_splits, max_bytes, expect):

@@ -263,7 +263,9 @@ def test_own_io_scores_every_line_as_spark_io_does(spark, ag_model, tmp_path, mo
     day = b"".join(b'"%d","zipped %d","a day\'s body %d"' % (i % 4 + 1, i, i) + ends[i % 5] for i in range(600))
     (folder / "c.csv.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + day[:7001]) + gzip.compress(day[7001:]))
     monkeypatch.setattr(score_tasks, "MAX_SPLIT_BYTES", 4000)  # ~18 splits, cut inside lines
-    monkeypatch.setattr(line_splits, "CHUNK_BYTES", 999)  # the gzip file in ~30 pieces
+    # The gzip file in ~25 pieces (the splits carry the size to the tasks), the first read ending
+    # between a CRLF's CR and LF.
+    monkeypatch.setattr(line_splits, "CHUNK_BYTES", (b"\xef\xbb\xbf" + day).index(b"\r\n", 900) + 1)
     tables, summaries = {}, {}
     for io in ("spark", "python"):
         run = replace(cfg, score={"model_path": os.path.join(cfg.train.run_dir, "model"), "input_path": str(folder),
@@ -333,6 +335,11 @@ def test_own_io_refuses_what_it_cannot_read_in_one_line(spark, scored):
         out.write(fh.read())
     with pytest.raises(UserError, match=r"score.io=python cannot read .*day.csv.bz2: compressed other than gzip .*; set score.io=auto"):
         score_batch(spark, replace(cfg, score={"io": "python", "input_path": packed}))
+    cut = os.path.join(os.path.dirname(cfg.score.input_path), "cut.csv.gz")
+    with open(AG_TEST, "rb") as fh, open(cut, "wb") as out:
+        out.write(fh.read()[:50_000])  # a delivery cut short
+    with pytest.raises(UserError, match=r"cut.csv.gz: not a whole gzip file .*: deliver it again or move it out of the input"):
+        score_batch(spark, replace(cfg, score={"input_path": cut}))
     spaced = os.path.join(os.path.dirname(cfg.score.input_path), "a day.csv")
     shutil.copy(cfg.score.input_path, spaced)
     with pytest.raises(UserError, match=r"a day.csv: characters that Spark URL-encodes in source_file; set score.io=auto"):
