@@ -8,8 +8,8 @@ these). Row numbers are physical, 1-based and per file, blank lines included: a 
 number comes from the line counts of the splits before it in its file (``count_lines``).
 
 A gzip file (named ``*.gz``, the suffix Hadoop's codec factory decompresses by) cannot be cut:
-it is one split, decompressed as a stream and handed on in pieces of whole lines
-(``CHUNK_BYTES``), so a task never holds the whole file. Python's ``gzip`` reads concatenated
+it is one split, decompressed as a stream. Either way a split is handed on in pieces of whole
+lines (``CHUNK_BYTES``), so a task never holds the whole split. Python's ``gzip`` reads concatenated
 members as Hadoop's codec does.
 
 Driver code: ``plan``. Executor code: ``count_lines``, ``read_lines``. Splits are picklable values.
@@ -23,7 +23,7 @@ from typing import Iterator
 
 # Bytes read past a split's end at a time while looking for the end of its last line.
 _TAIL_READ = 1 << 16
-# Decompressed bytes of a gzip file read at a time: with its lines as str, ~4x this in memory.
+# Bytes a task reads (and, for gzip, decompresses) at a time: with its lines as str, ~4x this in memory.
 CHUNK_BYTES = 16 << 20
 GZIP_SUFFIX = ".gz"
 
@@ -102,16 +102,19 @@ def _first_line_start(fh, pos: int, size: int) -> int:
 _BOM = b"\xef\xbb\xbf"
 
 
-def split_bytes(fh, split: LineSplit, size: int) -> bytes:
-    """The bytes of the lines that start in ``split``, terminators included (a file's leading
-    byte-order mark left out)."""
+def _range_blocks(fh, split: LineSplit, size: int) -> Iterator[bytes]:
+    """The bytes of the lines that start in ``split`` of a plain file, ``split.chunk_bytes`` at a
+    time: from its first line start to the first line start at or after its end."""
     first = _first_line_start(fh, split.start, size)
     last = _first_line_start(fh, split.end, size)
-    if last <= first:
-        return b""
     fh.seek(first)
-    data = fh.read(last - first)
-    return data[len(_BOM):] if first == 0 and data.startswith(_BOM) else data
+    pos = first
+    while pos < last:
+        block = fh.read(min(split.chunk_bytes, last - pos))
+        if not block:
+            return
+        pos += len(block)
+        yield block
 
 
 def _open(url: str):
@@ -121,51 +124,58 @@ def _open(url: str):
     return fs.open(path, "rb"), fs.size(path)
 
 
-def _gzip_chunks(fh, chunk_bytes: int) -> Iterator[bytes]:
-    """The decompressed bytes of the gzip stream ``fh`` in pieces of whole lines (the last may
-    lack its terminator), a leading byte-order mark left out. A piece ends after the last
-    terminator of a read; a CR that ends a read waits for the next byte (it may be a CRLF). A
-    read without a terminator waits for the next: each byte is searched once, whatever the
-    line's length."""
+def _gzip_blocks(fh, chunk_bytes: int) -> Iterator[bytes]:
+    """The decompressed bytes of the gzip stream ``fh``, ``chunk_bytes`` at a time."""
     import gzip
 
     with gzip.GzipFile(fileobj=fh) as z:
-        block = z.read(chunk_bytes)
+        while block := z.read(chunk_bytes):
+            yield block
+
+
+def _pieces(blocks: Iterator[bytes], at_file_start: bool) -> Iterator[bytes]:
+    """Blocks of bytes that begin at a line start -> pieces of whole lines (the last may lack
+    its terminator), a file's leading byte-order mark left out. A piece ends after the last
+    terminator of a block; a CR that ends a block waits for the next byte (it may be a CRLF). A
+    block without a terminator waits for the next: each byte is searched once, whatever the
+    line's length."""
+    block = next(blocks, b"")
+    if at_file_start:
         while block and len(block) < len(_BOM) and _BOM.startswith(block):  # too few bytes yet to tell
-            more = z.read(chunk_bytes)
+            more = next(blocks, b"")
             if not more:
                 break
             block += more
         block = block.removeprefix(_BOM)
-        pending: list[bytes] = []  # bytes read since the last piece, no line end among them
-        while True:
-            cut = max(block.rfind(b"\n"), block.rfind(b"\r", 0, len(block) - 1)) + 1
-            if cut:
-                yield b"".join([*pending, block[:cut]])
-                pending, block = [], block[cut:]
-            if block:
-                pending.append(block)
-            block = z.read(chunk_bytes)
-            if not block:
-                break
-        if pending:
-            yield b"".join(pending)
+    pending: list[bytes] = []  # bytes since the last piece, no line end among them
+    while True:
+        cut = max(block.rfind(b"\n"), block.rfind(b"\r", 0, len(block) - 1)) + 1
+        if cut:
+            yield b"".join([*pending, block[:cut]])
+            pending, block = [], block[cut:]
+        if block:
+            pending.append(block)
+        block = next(blocks, b"")
+        if not block:
+            break
+    if pending:
+        yield b"".join(pending)
 
 
 def whole_line_chunks(split: LineSplit) -> Iterator[bytes]:
-    """The bytes of the lines that start in ``split``, terminators included, in pieces that
-    end where a line does: one piece for a plain file's split, ``split.chunk_bytes`` at a time
-    for a gzip file. Raises BrokenFile, naming it, for a gzip file cut short or corrupt."""
+    """The bytes of the lines that start in ``split``, terminators included, in pieces of about
+    ``split.chunk_bytes`` that end where a line does (a task holds one piece, as bytes and as
+    lines, at a time). Raises BrokenFile, naming it, for a gzip file cut short or corrupt."""
     import gzip
     import zlib
 
     fh, size = _open(split.url)
     with fh:
         if not is_gzip(split.url):
-            yield split_bytes(fh, split, size)
+            yield from _pieces(_range_blocks(fh, split, size), split.start == 0)
             return
         try:
-            yield from _gzip_chunks(fh, split.chunk_bytes)
+            yield from _pieces(_gzip_blocks(fh, split.chunk_bytes), True)
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise BrokenFile(f"{split.url}: not a whole gzip file ({exc})") from None
 

@@ -30,7 +30,7 @@ from dl_pipeline.errors import UserError
 from dl_pipeline.line_splits import BrokenFile, LineSplit, count_lines, is_gzip, plan, read_lines
 
 # A split is at most this many bytes (Spark's spark.sql.files.maxPartitionBytes default is
-# 128 MB): a task holds its split as bytes and as lines, ~4x this in memory.
+# 128 MB). A task reads it line_splits.CHUNK_BYTES (16 MB) at a time: ~4x that in memory.
 MAX_SPLIT_BYTES = 64 << 20
 # Rows per Parquet row group: batches are gathered to this before they are written.
 ROW_GROUP_ROWS = 1 << 16
@@ -218,10 +218,21 @@ class _PartWriter:
 
 
 def _batches(pieces, step: int):
-    """Pieces (numbers, lines) -> batches of ``step`` rows (the last of each piece may be short)."""
+    """Pieces (numbers int64 [n], lines [n]) -> batches of ``step`` rows, the last maybe short: cut
+    as if the split came in one piece, so what a model batch holds (and with it the float
+    rounding of its scores) does not depend on the piece size."""
+    import numpy as np
+
+    held_numbers, held_lines = np.empty(0, dtype=np.int64), []
     for numbers, lines in pieces:
-        for a in range(0, len(lines), step):
+        if held_lines:
+            numbers, lines = np.concatenate([held_numbers, numbers]), held_lines + lines
+        full = len(lines) - len(lines) % step
+        for a in range(0, full, step):
             yield numbers[a:a + step], lines[a:a + step]
+        held_numbers, held_lines = numbers[full:], lines[full:]
+    if held_lines:
+        yield held_numbers, held_lines
 
 
 def score_split(split: LineSplit, first_number: int, index: int, task: ScoreTask) -> dict[tuple[Any, Any], int]:

@@ -6,7 +6,7 @@ import pytest
 
 from dl_pipeline.line_splits import count_lines, plan, read_lines
 
-PIECES = [b"a", b"bc", b" ", b"  ", b"", b"\xff", b"\xc3\xa9", b"\xe2\x80\xa8", b"x y", b"\x0c", b"\xc2\x85", b'"1","t","b"']
+PIECES = [b"a", b"bc", b" ", b"  ", b"", b"\xff", b"\xef\xbb\xbf", b"\xc3\xa9", b"\xe2\x80\xa8", b"x y", b"\x0c", b"\xc2\x85", b'"1","t","b"']
 ENDS = [b"\n", b"\r\n", b"\r", b"\n\n", b"\r\r\n", b"\n", b"\n"]
 
 
@@ -50,7 +50,8 @@ def _random_file(rng) -> bytes:
 def test_every_line_is_read_once_whatever_the_cuts(tmp_path, monkeypatch):
     """Random files of LF / CRLF / lone-CR lines, blank and space-only lines, invalid UTF-8, a
     byte-order mark, and the characters str.splitlines (not Hadoop) splits on, cut into random
-    byte ranges, read ahead a few bytes at a time (so line ends fall across reads)."""
+    byte ranges, read ahead a few bytes at a time and handed on in pieces of a few bytes (so line
+    ends fall across reads and pieces)."""
     from dl_pipeline import line_splits
 
     rng = random.Random(7)
@@ -59,6 +60,7 @@ def test_every_line_is_read_once_whatever_the_cuts(tmp_path, monkeypatch):
         data = _random_file(rng)
         path.write_bytes(data)
         monkeypatch.setattr(line_splits, "_TAIL_READ", rng.randint(1, 5))
+        monkeypatch.setattr(line_splits, "CHUNK_BYTES", rng.randint(1, 9))  # splits read in pieces
         got, physical = _read_all(f"file://{path}", len(data), rng.randint(1, 8), rng.randint(1, 7))
         assert got == _definition(data), data
         assert physical == len(data.removeprefix(b"\xef\xbb\xbf").splitlines()), data
@@ -140,3 +142,19 @@ def test_a_real_file_cut_in_two_gives_its_lines_in_order(tmp_path):
 ])
 def test_splits_cover_every_byte_once_and_no_more_than_asked(sizes, min_splits, max_bytes, expect):
     assert [(s.url, s.start, s.end) for s in plan(sizes, min_splits, max_bytes)] == expect
+
+
+def test_score_batches_do_not_depend_on_the_piece_size():
+    """score_tasks cuts a split's rows into model batches as if the split came in one piece: a
+    batch's rows (and so the float rounding of its scores) do not change with CHUNK_BYTES."""
+    import numpy as np
+
+    from dl_pipeline.score_tasks import _batches
+
+    rng = random.Random(3)
+    numbers, lines = np.arange(1, 1001, dtype=np.int64), [f"line {i}" for i in range(1000)]
+    whole = [(n.tolist(), x) for n, x in _batches([(numbers, lines)], 64)]
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, 1000), rng.randint(1, 40)))
+        pieces = [(numbers[a:b], lines[a:b]) for a, b in zip([0, *cuts], [*cuts, 1000], strict=True)]
+        assert [(n.tolist(), x) for n, x in _batches(pieces, 64)] == whole
