@@ -149,14 +149,13 @@ def load_bundle(path: str, device: str = "cpu") -> Bundle:
 
 
 def check_featurizer(path: str, featurizer: dict[str, Any], versions: dict[str, Any]) -> None:
-    """A bundle scores only where this code computes its features exactly as training saw them:
-    the featurizer version (features.FEATURIZER_VERSION, raised whenever hashing, tokenizing or
-    quantizing changes) must be this code's, or every prediction would be silently wrong."""
-    from dl_pipeline.features import FEATURIZER_VERSION
+    """A bundle scores only where this code computes its features exactly as training saw them
+    (``features.not_computable``: its featurizer version and token hash known here), or every
+    prediction would be silently wrong."""
+    from dl_pipeline.features import not_computable
 
-    have = featurizer.get("version")
-    if have != FEATURIZER_VERSION:
+    why = not_computable(featurizer)
+    if why:
         made_by = versions.get("dl_pipeline", "?")
-        raise UserError(f"{path}/featurizer.json: featurizer version {have}, but this dl_pipeline computes version "
-                        f"{FEATURIZER_VERSION}: score with dl_pipeline {made_by} (which trained it), or re-run prepare and "
-                        "train with this one")
+        raise UserError(f"{path}/featurizer.json: {why}: score with dl_pipeline {made_by} (which trained it), or re-run "
+                        "prepare and train with this one")

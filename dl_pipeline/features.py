@@ -29,7 +29,12 @@ import numpy as np
 
 from dl_pipeline.config import DataConfig, FeaturesConfig
 
-FEATURIZER_VERSION = 1
+# Raised whenever hashing, tokenizing or quantizing changes. Version 2 added the ``word64``
+# token hash (and made it the default); version 1 specs hash with crc32, which this code still
+# computes, so bundles trained before keep scoring.
+FEATURIZER_VERSION = 2
+# The token hashes each featurizer version this code computes may name (``tokens.hash``).
+COMPUTED_HASHES = {1: ("crc32",), 2: ("crc32", "word64")}
 
 # ---------------------------------------------------------------------------------------------
 # Cleaning
@@ -142,13 +147,26 @@ def text_spec(features: FeaturesConfig, data: DataConfig) -> dict[str, Any]:
         },
         "tokens": {
             "enabled": features.tokens,
-            "hash": "crc32",
+            "hash": features.token_hash,
             "buckets": features.hash_buckets,
             "ngrams": features.ngrams,
             "max_tokens": features.max_tokens,
             "lowercase": True,
         },
     }
+
+
+def not_computable(spec: dict[str, Any]) -> str | None:
+    """Why this code cannot compute a stored featurizer spec exactly (its version, or its token
+    hash under that version, unknown here), or None if it can: the one rule that score and
+    ``train.init_from`` apply before trusting a bundle's features."""
+    version = spec.get("version")
+    if version not in COMPUTED_HASHES:
+        return f"featurizer version {version}, but this dl_pipeline computes versions {', '.join(map(str, COMPUTED_HASHES))}"
+    name = spec.get("tokens", {}).get("hash", "crc32") if spec.get("kind") == "text" else "crc32"
+    if name not in COMPUTED_HASHES[version]:
+        return f"tokens.hash {name!r} is not a featurizer version {version} hash (this dl_pipeline knows {', '.join(COMPUTED_HASHES[version])})"
+    return None
 
 
 def image_spec(data: DataConfig) -> dict[str, Any]:
@@ -176,6 +194,33 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
+_U64 = (1 << 64) - 1
+
+
+def word64(data: bytes) -> int:
+    """The ``word64`` token hash (featurizer version 2), by definition: starting from
+    0x9E3779B97F4A7C15 xor the byte length, each 8 bytes (little-endian, the last zero-padded)
+    is xored in, multiplied by 0xBF58476D1CE4E5B9 and folded (``h ^= h >> 32``); then
+    MurmurHash3's 64-bit finalizer. ``text_kernel._word64`` computes the same a word at a time."""
+    from dl_pipeline import text_kernel as k
+
+    h = k.WORD64_SEED ^ len(data)
+    for j in range(0, len(data), 8):
+        h = ((h ^ int.from_bytes(data[j : j + 8], "little")) * k.WORD64_STEP) & _U64
+        h ^= h >> 32
+    h ^= h >> 33
+    h = (h * k.FMIX1) & _U64
+    h ^= h >> 33
+    h = (h * k.FMIX2) & _U64
+    return h ^ (h >> 33)
+
+
+def token_hash(token: str, name: str) -> int:
+    """A token's 64-bit hash by the spec's ``tokens.hash``: ``crc32`` or ``word64`` of its UTF-8."""
+    data = token.encode("utf-8")
+    return word64(data) if name == "word64" else zlib.crc32(data)
+
+
 @functools.lru_cache(maxsize=8)
 def _char_table(alphabet: str) -> np.ndarray:
     """Code point (< 128) -> 1-based alphabet index; 0 elsewhere (index 128: every code point
@@ -195,9 +240,11 @@ def featurize_texts(texts: Sequence[str | None] | Any, spec: dict[str, Any]) -> 
       reversed if the spec says so, as 1-based alphabet indices (0: not in it, and padding).
     * ``tokens`` int32 [n, max_tokens], ``length`` and ``words`` int32 [n]: tokens of the
       lower-cased text (``\\w+`` runs, and single other non-space characters) within its first
-      32 * max_tokens characters, each hashed as crc32 of its UTF-8 (stable across processes,
-      unlike Python's salted ``hash``); unigram ids ``1 + h mod buckets`` in text order, then
-      bigram ids ``1 + (h1 * 116049371 + h2) mod 2^64 mod buckets``, cut at max_tokens, 0-padded.
+      32 * max_tokens characters, each hashed from its UTF-8 by the spec's ``tokens.hash``
+      (``token_hash``; stable across processes, unlike Python's salted ``hash``); unigram ids
+      ``1 + bucket(h)`` in text order, then bigram ids ``1 + bucket((h1 * 116049371 + h2) mod
+      2^64)``, cut at max_tokens, 0-padded; ``bucket(v)`` is ``v mod buckets`` for crc32 and
+      ``(v >> 32) * buckets >> 32`` for word64.
       ``length`` counts the ids, ``words`` the unigrams among them (a recurrent model reads those;
       ``length`` alone cannot say where they end once a row is cut).
 
@@ -224,8 +271,10 @@ def featurize_texts(texts: Sequence[str | None] | Any, spec: dict[str, Any]) -> 
     table = _char_table(cs["alphabet"])
     byte_lower, byte_class, byte_code = text_kernel.ascii_tables(table.tobytes())
     buckets, ngrams = np.uint64(ts["buckets"]), int(ts["ngrams"])
+    hash_name = ts.get("hash", "crc32")
+    hash_kind = text_kernel.WORD64 if hash_name == "word64" else text_kernel.CRC32
     text_kernel.featurize_utf8(data, offsets, lower, classes, table, byte_lower, byte_class, byte_code,
-                               text_kernel.crc_table(),
+                               text_kernel.crc_table(), hash_kind,
                                bool(cs["reverse"]), 32 * ids.shape[1], buckets, ngrams,
                                chars, ids, lengths, words, fallback)
     for i in np.flatnonzero(fallback):
@@ -238,8 +287,8 @@ def featurize_texts(texts: Sequence[str | None] | Any, spec: dict[str, Any]) -> 
             text_kernel.place_chars(chars[i], codes, len(codes), bool(cs["reverse"]))
         if ids.shape[1]:
             tokens = tokenize(text[: 32 * ids.shape[1]])
-            hashes = np.array([zlib.crc32(t.encode("utf-8")) for t in tokens], dtype=np.uint64)
-            lengths[i], words[i] = text_kernel.place_grams(ids[i], hashes, len(tokens), buckets, ngrams)
+            hashes = np.array([token_hash(t, hash_name) for t in tokens], dtype=np.uint64)
+            lengths[i], words[i] = text_kernel.place_grams(ids[i], hashes, len(tokens), buckets, ngrams, hash_kind)
     out: dict[str, np.ndarray] = {}
     if chars.shape[1]:
         out["chars"] = chars

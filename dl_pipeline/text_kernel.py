@@ -26,9 +26,11 @@ import functools
 import os
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
 from numba.core import caching
 from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
 
 
 def _cacheable() -> bool:
@@ -43,6 +45,12 @@ _CACHE = _cacheable()
 
 BIGRAM_MULT = 116049371  # fastText's n-gram hash multiplier
 BMP = 1 << 16
+
+# Token hashes, by the spec's ``tokens.hash`` (``features.TOKEN_HASHES``).
+CRC32, WORD64 = 0, 1
+WORD64_SEED = 0x9E3779B97F4A7C15
+WORD64_STEP = 0xBF58476D1CE4E5B9
+FMIX1, FMIX2 = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53  # MurmurHash3's 64-bit finalizer
 
 
 @functools.cache
@@ -100,6 +108,63 @@ def _crc32(buf, start, stop, byte_map, table):
     return np.uint64(crc ^ np.uint32(0xFFFFFFFF))
 
 
+@intrinsic
+def _load_u64(typingctx, arr, idx):
+    """arr[idx:idx + 8] of a uint8 array as one little-endian uint64, one unaligned load (8
+    byte loads and shifts are not merged into one by this LLVM). The caller keeps idx + 8 in
+    bounds."""
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        return builder.load(builder.bitcast(ptr, ir.IntType(64).as_pointer()), align=1)
+
+    return types.uint64(arr, idx), codegen
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _word(buf, j, nbytes):
+    """buf[j:j + nbytes] (1 <= nbytes <= 8) as a little-endian uint64, zero above nbytes."""
+    if j + 8 <= buf.shape[0]:
+        w = _load_u64(buf, j)
+        if nbytes < 8:
+            w &= (np.uint64(1) << np.uint64(8 * nbytes)) - np.uint64(1)
+        return w
+    w = np.uint64(0)
+    for k in range(nbytes):
+        w |= np.uint64(buf[j + k]) << np.uint64(8 * k)
+    return w
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _ascii_lower_word(w):
+    """ASCII 'A'-'Z' -> 'a'-'z' in each byte of w (every byte < 0x80): a byte b has its top bit
+    set by b + 0x3F when b >= 'A' and by b + 0x25 when b > 'Z', with no carry between bytes."""
+    upper = (w + np.uint64(0x3F3F3F3F3F3F3F3F)) & ~(w + np.uint64(0x2525252525252525)) & np.uint64(0x8080808080808080)
+    return w | (upper >> np.uint64(2))
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _word64(buf, start, stop, ascii_lower):
+    """The ``word64`` hash of buf[start:stop] (``features.word64``'s definition): the bytes 8 at
+    a time as little-endian words (the last zero-padded), each xored in and multiplied, then
+    MurmurHash3's finalizer. ``ascii_lower``: lower-case ASCII letters on the way (the bytes must
+    then be ASCII). One word for most tokens (~4 bytes), against CRC-32's lookup per byte."""
+    n = stop - start
+    h = np.uint64(WORD64_SEED) ^ np.uint64(n)
+    for j in range(start, stop, 8):
+        w = _word(buf, j, min(8, stop - j))
+        if ascii_lower:
+            w = _ascii_lower_word(w)
+        h = (h ^ w) * np.uint64(WORD64_STEP)
+        h ^= h >> np.uint64(32)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(FMIX1)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(FMIX2)
+    h ^= h >> np.uint64(33)
+    return h
+
+
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _mod(v, d, inv):
     """v % d for uint64 v and 1 <= d < 2^31 (``features.hash_buckets``), without a 64-bit
@@ -134,17 +199,27 @@ def _put_utf8(buf, k, c):
     return k + 3
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _bucket(v, buckets, inv, hash_kind):
+    """A 64-bit gram hash -> its bucket in 0..buckets-1: ``v mod buckets`` for CRC32 (as fastText
+    reduces), the top 32 bits scaled, ``(v >> 32) * buckets >> 32``, for WORD64 (a multiply
+    and a shift; its hashes are mixed into every bit)."""
+    if hash_kind == WORD64:
+        return np.int64(((v >> np.uint64(32)) * buckets) >> np.uint64(32))
+    return _mod(v, buckets, inv)
+
+
 @njit(cache=_CACHE, nogil=True)
-def place_grams(ids_row, hashes, count, buckets, ngrams):
+def place_grams(ids_row, hashes, count, buckets, ngrams, hash_kind):
     """One row's token hashes (uint64 [>= min(count, T + 1)], ``count`` tokens) -> ids_row int32
-    [T]: unigram ids ``1 + h mod buckets`` in columns 0.., then bigram ids
-    ``1 + (h1 * 116049371 + h2) mod 2^64 mod buckets`` after them, cut at T.
+    [T]: unigram ids ``1 + bucket(h)`` in columns 0.., then bigram ids
+    ``1 + bucket((h1 * 116049371 + h2) mod 2^64)`` after them, cut at T (``_bucket``).
     Returns (length, words): ids written, and how many of them are unigrams. The rest is 0."""
     t = ids_row.shape[0]
     words = min(count, t)
     inv = 1.0 / np.float64(buckets)
     for j in range(words):
-        ids_row[j] = np.int32(_mod(hashes[j], buckets, inv)) + 1
+        ids_row[j] = np.int32(_bucket(hashes[j], buckets, inv, hash_kind)) + 1
     length = words
     if ngrams >= 2:
         mult = np.uint64(BIGRAM_MULT)
@@ -152,7 +227,7 @@ def place_grams(ids_row, hashes, count, buckets, ngrams):
             col = count + j
             if col >= t:
                 break
-            ids_row[col] = np.int32(_mod(hashes[j] * mult + hashes[j + 1], buckets, inv)) + 1
+            ids_row[col] = np.int32(_bucket(hashes[j] * mult + hashes[j + 1], buckets, inv, hash_kind)) + 1
             length = col + 1
     ids_row[length:] = 0
     return length, words
@@ -166,34 +241,40 @@ def place_chars(chars_row, codes, n, reverse):
     chars_row[n:] = 0
 
 
-@njit(cache=_CACHE, nogil=True, inline="always")
-def _is_ascii(data, start, stop):
-    acc = np.uint8(0)
-    for q in range(start, stop):
-        acc |= data[q]
-    return acc < 0x80
+@intrinsic
+def _class_masks64(typingctx, arr, idx):
+    """64 bytes from arr[idx] -> (word mask, punctuation mask, non-ASCII mask), bit k for byte idx + k, over
+    whole vectors (one 64-byte load, compares, each <64 x i1> bitcast to a 64-bit mask: pmovmskb).
+    The ASCII classes by arithmetic (``\\w``: 0-9 A-Z a-z _; ``\\s``: \\t-\\r, \\x1c-\\x1f, space;
+    the rest punctuation), the same as ``code_point_tables`` below 0x80. The caller keeps
+    idx + 64 in bounds, and ignores bits of bytes past its row (or of non-ASCII ones)."""
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        vt = ir.VectorType(ir.IntType(8), 64)
+        v = builder.load(builder.bitcast(builder.gep(ary.data, [args[1]]), vt.as_pointer()), align=1)
 
+        def k(c):
+            return ir.Constant(vt, [c] * 64)
 
-@njit(cache=_CACHE, nogil=True, inline="always")
-def _class_masks64(data, q0):
-    """64 ASCII bytes from q0 -> (word mask, punctuation mask), bit k for byte q0 + k. The
-    classes by arithmetic (``\\w``: 0-9 A-Z a-z _; ``\\s``: \\t-\\r, \\x1c-\\x1f, space; the
-    rest punctuation), which LLVM vectorises; the same as ``code_point_tables`` below 0x80."""
-    wm = np.uint64(0)
-    pm = np.uint64(0)
-    for k in range(64):
-        b = data[q0 + k]
-        w = ((np.uint8(b - np.uint8(48)) < np.uint8(10)) | (np.uint8((b | np.uint8(0x20)) - np.uint8(97)) < np.uint8(26))
-             | (b == np.uint8(95)))
-        sp = (b == np.uint8(32)) | (np.uint8(b - np.uint8(9)) < np.uint8(5)) | (np.uint8(b - np.uint8(28)) < np.uint8(4))
-        wm |= np.uint64(w) << np.uint64(k)
-        pm |= np.uint64(not (w or sp)) << np.uint64(k)
-    return wm, pm
+        def below(x, c):  # unsigned x < c, per byte
+            return builder.icmp_unsigned("<", x, k(c))
+
+        word = builder.or_(builder.or_(below(builder.sub(v, k(48)), 10), below(builder.sub(builder.or_(v, k(0x20)), k(97)), 26)),
+                           builder.icmp_unsigned("==", v, k(95)))
+        space = builder.or_(builder.or_(builder.icmp_unsigned("==", v, k(32)), below(builder.sub(v, k(9)), 5)),
+                            below(builder.sub(v, k(28)), 4))
+        punct = builder.not_(builder.or_(word, space))
+        high = builder.icmp_unsigned(">=", v, k(0x80))
+        i64 = ir.IntType(64)
+        return context.make_tuple(builder, signature.return_type, [builder.bitcast(m, i64) for m in (word, punct, high)])
+
+    return types.UniTuple(types.uint64, 3)(arr, idx), codegen
 
 
 @njit(cache=_CACHE, nogil=True)
 def _ascii_token_bounds(data, p, stop, byte_class, starts, ends):
-    """Tokens of the ASCII bytes data[p:stop] -> their bounds in starts/ends; returns the count.
+    """Tokens of the ASCII bytes data[p:stop] -> their bounds in starts/ends; returns the count,
+    or -1 if a byte there is not ASCII (found on the way: a separate pass cost ~0.15 us/row).
 
     64 bytes a step become a word mask and a punctuation mask; a token starts at a word byte
     after a non-word byte and at every punctuation byte, and ends symmetrically; set bits are
@@ -204,12 +285,21 @@ def _ascii_token_bounds(data, p, stop, byte_class, starts, ends):
     q0 = p
     while q0 < stop:
         nb = min(64, stop - q0)
-        if nb == 64:
-            wm, pm = _class_masks64(data, q0)
-        else:
+        if q0 + 64 <= data.shape[0]:  # a whole vector, even where the row ends inside it
+            wm, pm, hm = _class_masks64(data, q0)
+            if nb < 64:
+                keep = (np.uint64(1) << np.uint64(nb)) - np.uint64(1)
+                wm &= keep
+                pm &= keep
+                hm &= keep
+            if hm:
+                return -1
+        else:  # the buffer's last bytes
             wm = np.uint64(0)
             pm = np.uint64(0)
             for k in range(nb):
+                if data[q0 + k] >= 0x80:
+                    return -1
                 c = byte_class[data[q0 + k]]
                 wm |= np.uint64(c == 1) << np.uint64(k)
                 pm |= np.uint64(c == 0) << np.uint64(k)
@@ -232,31 +322,55 @@ def _ascii_token_bounds(data, p, stop, byte_class, starts, ends):
 
 
 @njit(cache=_CACHE, nogil=True)
-def _ascii_row(data, p, end, byte_lower, byte_class, byte_code, crc, reverse, token_chars, chars_row, hashes,
-               max_tokens, starts, ends):
-    """An ASCII row (bytes are characters): codes into chars_row (all of it), token hashes into
-    hashes; returns the token count, at most max_tokens (more cannot change the ids). The bounds
-    of every token in the first token_chars bytes are found (a block at a time, so no early
-    stop), hence ``starts``/``ends`` of >= token_chars slots."""
+def _ascii_row(data, p, end, byte_lower, byte_class, byte_code, crc, hash_kind, reverse, token_chars, chars_row,
+               hashes, max_tokens, starts, ends):
+    """A row read as ASCII (bytes are characters): codes into chars_row (all of it), token hashes
+    into hashes; returns the token count, at most max_tokens (more cannot change the ids), or -1
+    if a byte it reads (the first chars_row.shape[0], and the first token_chars when it has
+    tokens) is not ASCII: the caller then reads the row as UTF-8. The bounds of every token in
+    the first token_chars bytes are found (a block at a time, so no early stop), hence
+    ``starts``/``ends`` of >= token_chars slots."""
     m = min(end - p, chars_row.shape[0])
+    seen = np.uint8(0)  # every byte read, or-ed: non-ASCII if its top bit is set
     if reverse:
         for j in range(m):
-            chars_row[j] = byte_code[data[p + m - 1 - j]]
+            b = data[p + m - 1 - j]
+            seen |= b
+            chars_row[j] = byte_code[b]
     else:
         for j in range(m):
-            chars_row[j] = byte_code[data[p + j]]
+            b = data[p + j]
+            seen |= b
+            chars_row[j] = byte_code[b]
+    if seen >= 0x80:
+        return -1
     chars_row[m:] = 0
     if max_tokens == 0:
         return 0
-    nt = min(_ascii_token_bounds(data, p, min(end, p + token_chars), byte_class, starts, ends), max_tokens)
-    for t in range(nt):
-        hashes[t] = _crc32(data, starts[t], ends[t], byte_lower, crc)
+    nt = _ascii_token_bounds(data, p, min(end, p + token_chars), byte_class, starts, ends)
+    if nt < 0:
+        return -1
+    nt = min(nt, max_tokens)
+    if hash_kind == WORD64:
+        for t in range(nt):
+            hashes[t] = _word64(data, starts[t], ends[t], True)
+    else:
+        for t in range(nt):
+            hashes[t] = _crc32(data, starts[t], ends[t], byte_lower, crc)
     return nt
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _hash_word(word, k, identity, crc, hash_kind):
+    """The hash of word[:k], a token's lower-cased UTF-8."""
+    if hash_kind == WORD64:
+        return _word64(word, 0, k, False)
+    return _crc32(word, 0, k, identity, crc)
+
+
 @njit(cache=_CACHE, nogil=True)
-def _unicode_row(data, p, end, lower, classes, char_table, crc, identity, reverse, token_chars, chars_row,
-                 hashes, max_tokens, codes, word):
+def _unicode_row(data, p, end, lower, classes, char_table, crc, identity, hash_kind, reverse, token_chars,
+                 chars_row, hashes, max_tokens, codes, word):
     """Any row, decoded from UTF-8 one code point at a time (as ``_ascii_row``, through the
     code point tables). Returns the token count, or -1 for a row left to Python. A word's
     lower-cased UTF-8 collects in ``word`` and is hashed with the ``identity`` byte map (the
@@ -291,30 +405,30 @@ def _unicode_row(data, p, end, lower, classes, char_table, crc, identity, revers
                 k = _put_utf8(word, k, low)
             else:
                 if k:
-                    hashes[ntok] = _crc32(word, 0, k, identity, crc)
+                    hashes[ntok] = _hash_word(word, k, identity, crc, hash_kind)
                     ntok += 1
                     k = 0
                 if cls == 0 and ntok < max_tokens:  # punctuation: a token of its own
-                    hashes[ntok] = _crc32(word, 0, _put_utf8(word, 0, low), identity, crc)
+                    hashes[ntok] = _hash_word(word, _put_utf8(word, 0, low), identity, crc, hash_kind)
                     ntok += 1
             if nchar >= token_chars or ntok >= max_tokens:
                 # The rest of the row cannot change the ids: the text is cut here, or all
                 # T columns hold unigrams (no room for bigrams either way).
                 tokens_open = False
                 if k and ntok < max_tokens:
-                    hashes[ntok] = _crc32(word, 0, k, identity, crc)
+                    hashes[ntok] = _hash_word(word, k, identity, crc, hash_kind)
                     ntok += 1
                 k = 0
     if k:
-        hashes[ntok] = _crc32(word, 0, k, identity, crc)
+        hashes[ntok] = _hash_word(word, k, identity, crc, hash_kind)
         ntok += 1
     place_chars(chars_row, codes, min(nchar, char_len), reverse)
     return ntok
 
 
 @njit(cache=_CACHE, nogil=True)
-def featurize_utf8(data, offsets, lower, classes, char_table, byte_lower, byte_class, byte_code, crc, reverse,
-                   token_chars, buckets, ngrams, chars_out, ids_out, lengths_out, words_out, fallback_out):
+def featurize_utf8(data, offsets, lower, classes, char_table, byte_lower, byte_class, byte_code, crc, hash_kind,
+                   reverse, token_chars, buckets, ngrams, chars_out, ids_out, lengths_out, words_out, fallback_out):
     """Rows ``data[offsets[i]:offsets[i + 1]]`` -> chars_out[i] (if it has columns), ids_out[i],
     lengths_out[i], words_out[i] (if ids_out has columns); fallback_out[i] = True for a row left
     to Python (its outputs unwritten). Tokens are read from the first ``token_chars`` code
@@ -332,14 +446,13 @@ def featurize_utf8(data, offsets, lower, classes, char_table, byte_lower, byte_c
         p, end = offsets[i], offsets[i + 1]
         # Only the first max(L, token_chars) characters are ever read: a row whose non-ASCII
         # text lies past them is still an ASCII row here.
-        if _is_ascii(data, p, min(end, p + max(char_len, token_chars if max_tokens else 0))):
-            ntok = _ascii_row(data, p, end, byte_lower, byte_class, byte_code, crc, reverse, token_chars,
-                              chars_out[i], hashes, max_tokens, starts, ends)
-        else:
-            ntok = _unicode_row(data, p, end, lower, classes, char_table, crc, identity, reverse, token_chars,
-                                chars_out[i], hashes, max_tokens, codes, word)
+        ntok = _ascii_row(data, p, end, byte_lower, byte_class, byte_code, crc, hash_kind, reverse, token_chars,
+                          chars_out[i], hashes, max_tokens, starts, ends)
+        if ntok < 0:
+            ntok = _unicode_row(data, p, end, lower, classes, char_table, crc, identity, hash_kind, reverse,
+                                token_chars, chars_out[i], hashes, max_tokens, codes, word)
             if ntok < 0:
                 fallback_out[i] = True
                 continue
         if max_tokens:
-            lengths_out[i], words_out[i] = place_grams(ids_out[i], hashes, ntok, buckets, ngrams)
+            lengths_out[i], words_out[i] = place_grams(ids_out[i], hashes, ntok, buckets, ngrams, hash_kind)

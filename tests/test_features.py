@@ -1,4 +1,5 @@
 import re
+import struct
 import zlib
 
 import numpy as np
@@ -58,36 +59,67 @@ def test_quantize_chars_zhang_alphabet_reversed():
     assert out[1].tolist() == [0] * 8
 
 
+def _word64(data: bytes) -> int:
+    """The word64 hash as featurizer version 2 defines it (README): 64-bit words of the UTF-8,
+    little-endian, the last zero-padded; multiply-xor steps; MurmurHash3's finalizer."""
+    m = 2**64
+    h = 0x9E3779B97F4A7C15 ^ len(data)
+    padded = data + b"\0" * (-len(data) % 8)
+    for (w,) in struct.iter_unpack("<Q", padded):
+        h = (h ^ w) * 0xBF58476D1CE4E5B9 % m
+        h ^= h >> 32
+    for mult in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+        h = (h ^ (h >> 33)) * mult % m
+    return h ^ (h >> 33)
+
+
+def _bucket(h, spec):
+    buckets = spec["tokens"]["buckets"]
+    return (h >> 32) * buckets >> 32 if spec["tokens"]["hash"] == "word64" else h % buckets
+
+
 def test_hash_tokens_unigrams_then_bigrams():
-    ids, lengths = hash_tokens(["Hello, world", ""], SPEC)
-    h = [zlib.crc32(w.encode()) for w in ["hello", ",", "world"]]
-    uni = [x % 1000 + 1 for x in h]
-    bi = [(h[i] * 116049371 + h[i + 1]) % 1000 + 1 for i in range(2)]
-    assert ids[0].tolist() == uni + bi + [0]
-    assert lengths.tolist() == [5, 0]
-    assert ids[1].tolist() == [0] * 6
+    for hash_name, hash_fn in (("crc32", zlib.crc32), ("word64", _word64)):
+        spec = text_spec(FeaturesConfig(char_length=8, max_tokens=6, hash_buckets=1000, token_hash=hash_name), DataConfig())
+        ids, lengths = hash_tokens(["Hello, world", ""], spec)
+        h = [hash_fn(w.encode()) for w in ["hello", ",", "world"]]
+        uni = [_bucket(x, spec) + 1 for x in h]
+        bi = [_bucket((h[i] * 116049371 + h[i + 1]) % 2**64, spec) + 1 for i in range(2)]
+        assert ids[0].tolist() == uni + bi + [0]
+        assert lengths.tolist() == [5, 0]
+        assert ids[1].tolist() == [0] * 6
+        assert spec["tokens"]["hash"] == hash_name and spec["version"] == 2
+
+
+def test_word64_is_the_published_hash():
+    # Pinned values: a change here changes every stored id (a new featurizer version).
+    assert _word64(b"hello") == 0x622364FA8C0E28DE
+    assert _word64("école".encode()) == 0xF60F0E42579440C8
 
 
 def _reference_hash_tokens(texts, spec):
     """The definition, one row at a time: unigrams then bigrams, truncated, 0-padded."""
     ts = spec["tokens"]
+    hash_fn = _word64 if ts["hash"] == "word64" else zlib.crc32
     ids = np.zeros((len(texts), ts["max_tokens"]), np.int32)
     unigrams = np.zeros(len(texts), np.int32)
     for i, text in enumerate(texts):
         words = re.findall(r"\w+|[^\w\s]", text[: ts["max_tokens"] * 32].lower())
-        h = [zlib.crc32(w.encode("utf-8")) for w in words]
-        grams = [x % ts["buckets"] + 1 for x in h]
+        h = [hash_fn(w.encode("utf-8")) for w in words]
+        grams = [_bucket(x, spec) + 1 for x in h]
         if ts["ngrams"] >= 2:
-            grams += [((a * 116049371) % 2**64 + b) % 2**64 % ts["buckets"] + 1 for a, b in zip(h, h[1:], strict=False)]
+            grams += [_bucket((a * 116049371 + b) % 2**64, spec) + 1 for a, b in zip(h, h[1:], strict=False)]
         grams = grams[: ts["max_tokens"]]
         ids[i, : len(grams)] = grams
         unigrams[i] = min(len(words), ts["max_tokens"])
     return ids, (ids > 0).sum(axis=1).astype(np.int32), unigrams
 
 
-@pytest.mark.parametrize("ngrams, max_tokens", [(2, 6), (1, 6), (2, 64)])
-def test_hash_tokens_batch_equals_row_by_row_definition(ngrams, max_tokens):
-    spec = text_spec(FeaturesConfig(max_tokens=max_tokens, hash_buckets=1000, ngrams=ngrams), DataConfig())
+@pytest.mark.parametrize("ngrams, max_tokens, token_hash", [(2, 6, "word64"), (1, 6, "word64"), (2, 64, "word64"),
+                                                            (2, 64, "crc32")])
+def test_hash_tokens_batch_equals_row_by_row_definition(ngrams, max_tokens, token_hash):
+    spec = text_spec(FeaturesConfig(max_tokens=max_tokens, hash_buckets=1000, ngrams=ngrams, token_hash=token_hash),
+                     DataConfig())
     texts = ["Hello, world", "", "one", "a b", "x " * 100, "É école ÜBER 中文？", "ctl\x1csep\x1fmore!",
              "Straße İstanbul", "tabs\tand\nlines", "mixed ascii, then é"]
     texts = texts * 4  # enough ASCII rows for the vectorised path; the first 10 also alone (regex path)
@@ -99,13 +131,15 @@ def test_hash_tokens_batch_equals_row_by_row_definition(ngrams, max_tokens):
     assert words.tolist() == ref_words.tolist()  # the unigrams a recurrent model reads, in order
 
 
-def test_hash_tokens_ascii_path_splits_every_character_like_the_regex():
-    # The numpy tokenizer classifies bytes itself: check each ASCII character between words,
-    # doubled, at both ends of a row, and tokens around the 2-byte CRC steps and the zlib cutoff.
-    spec = text_spec(FeaturesConfig(max_tokens=64, hash_buckets=1 << 20), DataConfig())
+@pytest.mark.parametrize("token_hash", ["word64", "crc32"])
+def test_hash_tokens_ascii_path_splits_every_character_like_the_regex(token_hash):
+    # The kernel classifies bytes itself: check each ASCII character between words, doubled,
+    # at both ends of a row, and tokens around word64's 8-byte steps.
+    spec = text_spec(FeaturesConfig(max_tokens=64, hash_buckets=1 << 20, token_hash=token_hash), DataConfig())
     # Repeated 9 times a row is 99+ bytes: the kernel's 64-byte block classifier, then its tail.
     texts = [f"{c}ab{c}cd{c}{c}E_f9{c}" * k for c in map(chr, range(128)) for k in (1, 9)]
     texts += ["a" * n + " b" for n in (1, 2, 3, 31, 32, 33, 64, 255, 256, 300)] + ["", " ", "\n\n"]
+    texts += ["AbCdEfGh"[:n] + " " + "XyZ@[`{_" * 3 for n in range(9)]  # letters' neighbours in 8-byte words
     ids, lengths = hash_tokens(texts, spec)
     ref_ids, ref_lengths, _ = _reference_hash_tokens(texts, spec)
     for i, text in enumerate(texts):
@@ -152,10 +186,11 @@ def _random_texts(rng, n):
     return texts
 
 
-@pytest.mark.parametrize("char_length, max_tokens, ngrams, reverse", [(16, 8, 2, True), (70, 300, 2, False), (1014, 256, 1, True)])
-def test_compiled_featurizer_equals_the_definition_row_by_row(char_length, max_tokens, ngrams, reverse):
+@pytest.mark.parametrize("char_length, max_tokens, ngrams, reverse, token_hash", [
+    (16, 8, 2, True, "word64"), (70, 300, 2, False, "word64"), (1014, 256, 1, True, "word64"), (70, 300, 2, True, "crc32")])
+def test_compiled_featurizer_equals_the_definition_row_by_row(char_length, max_tokens, ngrams, reverse, token_hash):
     spec = text_spec(FeaturesConfig(char_length=char_length, max_tokens=max_tokens, ngrams=ngrams, hash_buckets=997,
-                                    reverse_chars=reverse), DataConfig())
+                                    reverse_chars=reverse, token_hash=token_hash), DataConfig())
     texts = _random_texts(np.random.default_rng(char_length), 600) + ["", "a" * 70 + " b" * 80, "x " * 5000, None]
     feats = featurize_texts(texts, spec)
     texts[-1] = ""  # None is an empty row

@@ -592,8 +592,9 @@ def test_score_settings_are_checked_at_start_and_the_session_is_left_as_it_was(s
     ("other_weights", "model.safetensors: the weights do not match model.json"),
     ("bad_json", "labels.json: not valid JSON"),
     # features computed another way would score every row wrong, silently: refused by version
-    ("other_featurizer", "featurizer.json: featurizer version 99, but this dl_pipeline computes version 1: score with "
-                         "dl_pipeline 0.1.0"),
+    ("other_featurizer", "featurizer.json: featurizer version 99, but this dl_pipeline computes versions 1, 2: score "
+                         "with dl_pipeline 0.1.0"),
+    ("word64_as_version_1", "featurizer.json: tokens.hash 'word64' is not a featurizer version 1 hash"),
 ])
 def test_a_broken_bundle_is_one_line_exit_2_before_any_spark_job(ag_model, tmp_path, damage, message):
     from safetensors.torch import load_file, save_file
@@ -607,9 +608,9 @@ def test_a_broken_bundle_is_one_line_exit_2_before_any_spark_job(ag_model, tmp_p
         state = load_file(str(bundle / "model.safetensors"))
         state["fc.weight"] = state["fc.weight"][:2]  # a 2-class head under a 4-class model.json
         save_file(state, str(bundle / "model.safetensors"))
-    elif damage == "other_featurizer":
+    elif damage in ("other_featurizer", "word64_as_version_1"):
         doc = json.loads((bundle / "featurizer.json").read_text())
-        (bundle / "featurizer.json").write_text(json.dumps({**doc, "version": 99}))
+        (bundle / "featurizer.json").write_text(json.dumps({**doc, "version": 99 if damage == "other_featurizer" else 1}))
     else:
         (bundle / "labels.json").write_text("{not json")
     out = subprocess.run([sys.executable, "-m", "dl_pipeline.cli", "score", "--set", f"score.model_path={bundle}",
@@ -619,6 +620,30 @@ def test_a_broken_bundle_is_one_line_exit_2_before_any_spark_job(ag_model, tmp_p
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_version_1_bundle_still_scores_with_its_crc32_ids(spark, ag_model, tmp_path):
+    """Bundles trained before featurizer version 2 (crc32 token ids) keep scoring, with the ids
+    they were trained on: the bundle's spec, not this code's default, picks the hash."""
+    from dl_pipeline.bundle import load_bundle
+
+    cfg, _ = ag_model
+    path = tmp_path / "model"
+    shutil.copytree(os.path.join(cfg.train.run_dir, "model"), path)
+    doc = json.loads((path / "featurizer.json").read_text())
+    assert doc["version"] == 2 and doc["tokens"]["hash"] == "word64"
+    (path / "featurizer.json").write_text(json.dumps({**doc, "version": 1, "tokens": {**doc["tokens"], "hash": "crc32"}}))
+    with gzip.open(AG_TEST, "rt", encoding="utf-8") as fh:
+        (tmp_path / "in.csv").write_text("".join(next(fh) for _ in range(300)))
+    run = replace(cfg, score={"model_path": str(path), "input_path": str(tmp_path / "in.csv"),
+                              "output_path": str(tmp_path / "out"), "run_date": "2026-11-23", "top_k": 0,
+                              "id_columns": ["row_number"]})
+    assert score_batch(spark, run)["summary"]["scored"] == 300
+    got = _partition(tmp_path / "out", "2026-11-23").sort_values("row_number")["probability"].to_numpy()
+    v1, v2 = load_bundle(str(path)), load_bundle(os.path.join(cfg.train.run_dir, "model"))
+    texts = [clean_record(parts, ". ") for _, parts, _ in _ag_test_rows()[:300]]
+    np.testing.assert_allclose(got, predict_texts(v1, texts, batch_size=512)["probability"], atol=1e-6)
+    assert np.abs(got - predict_texts(v2, texts, batch_size=512)["probability"]).max() > 0.01  # other ids, other scores
 
 
 def test_a_model_retrained_at_the_same_path_is_served_at_once(spark, ag_model, tmp_path):
