@@ -158,8 +158,8 @@ def text_spec(features: FeaturesConfig, data: DataConfig) -> dict[str, Any]:
 
 def not_computable(spec: dict[str, Any]) -> str | None:
     """Why this code cannot compute a stored featurizer spec exactly (its version, or its token
-    hash under that version, unknown here), or None if it can: the one rule that score and
-    ``train.init_from`` apply before trusting a bundle's features."""
+    hash under that version, unknown here), or None if it can: the one rule score applies
+    before trusting a bundle's features (``bundle.check_featurizer``)."""
     version = spec.get("version")
     if version not in COMPUTED_HASHES:
         return f"featurizer version {version}, but this dl_pipeline computes versions {', '.join(map(str, COMPUTED_HASHES))}"
@@ -272,6 +272,8 @@ def featurize_texts(texts: Sequence[str | None] | Any, spec: dict[str, Any]) -> 
     byte_lower, byte_class, byte_code = text_kernel.ascii_tables(table.tobytes())
     buckets, ngrams = np.uint64(ts["buckets"]), int(ts["ngrams"])
     hash_name = ts.get("hash", "crc32")
+    if hash_name not in ("crc32", "word64"):  # bundles are checked on load (not_computable); a hand-made spec here
+        raise ValueError(f"tokens.hash={hash_name!r}: this featurizer computes crc32 or word64")
     hash_kind = text_kernel.WORD64 if hash_name == "word64" else text_kernel.CRC32
     text_kernel.featurize_utf8(data, offsets, lower, classes, table, byte_lower, byte_class, byte_code,
                                text_kernel.crc_table(), hash_kind,

@@ -2,8 +2,9 @@
 
 Compiled by numba, and cached on disk where numba can (see ``_cacheable``): the first process
 compiles it in ~4 s, later ones, Spark's Python workers included, load it in ~0.4 s. It
-computes exactly what ``features`` defines row by row (the regex tokenizer, ``zlib.crc32`` of
-each token's UTF-8, ``str.lower``), over code points below U+10000. A row it cannot take alone (a code point outside
+computes exactly what ``features`` defines row by row (the regex tokenizer, ``str.lower``, and
+the spec's token hash of each token's UTF-8: ``word64``, or version 1's ``zlib.crc32``), over
+code points below U+10000. A row it cannot take alone (a code point outside
 the Basic Multilingual Plane, or one whose lower case is not one code point or depends on its
 neighbours: 'İ' -> 'i̇', final sigma) is flagged, and ``features`` computes that row in Python.
 
@@ -13,17 +14,18 @@ included, so they may be allocated uninitialised); lengths and words int32 [n], 
 The bytes must be valid UTF-8 (Arrow validates what it builds from str): the decoder trusts
 each lead byte's length.
 
-Where the time goes (AG News, ~238 bytes and ~47 tokens a row; 2 vCPUs here): finding token
-bounds ~0.3 us/row (64 bytes classified per step into bit masks, then one step per token: a
-branch per byte that changes class mispredicts ~90 times a row), CRC-32 ~10 ns/token (a
-table lookup per byte), ids ~0.17 us/row (a remainder through a float reciprocal, not a 64-bit
-division).
+Where the time goes (AG News, ~238 bytes and ~47 tokens a row; 2 vCPUs here; tokens only, from
+Arrow, ~0.65-0.9 us/row depending on the machine's state): token bounds from 64-byte vector
+masks, then one step per token (the scalar classifier it replaced, and a separate ASCII pass,
+cost ~0.3 and ~0.17 us/row more); ``word64`` one multiply-xor step for most tokens, where
+CRC-32 costs ~0.25-0.3 us/row more (a dependent table lookup per byte); ids by multiply-shift.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import numpy as np
 from llvmlite import ir
@@ -46,11 +48,14 @@ _CACHE = _cacheable()
 BIGRAM_MULT = 116049371  # fastText's n-gram hash multiplier
 BMP = 1 << 16
 
-# Token hashes, by the spec's ``tokens.hash`` (``features.TOKEN_HASHES``).
+# Token hashes, by the spec's ``tokens.hash`` (``features.COMPUTED_HASHES``).
 CRC32, WORD64 = 0, 1
 WORD64_SEED = 0x9E3779B97F4A7C15
 WORD64_STEP = 0xBF58476D1CE4E5B9
 FMIX1, FMIX2 = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53  # MurmurHash3's 64-bit finalizer
+# word64 reads little-endian words; a big-endian CPU assembles them a byte at a time (a
+# compile-time constant to numba, so the check costs nothing).
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 @functools.cache
@@ -124,7 +129,7 @@ def _load_u64(typingctx, arr, idx):
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _word(buf, j, nbytes):
     """buf[j:j + nbytes] (1 <= nbytes <= 8) as a little-endian uint64, zero above nbytes."""
-    if j + 8 <= buf.shape[0]:
+    if _LITTLE_ENDIAN and j + 8 <= buf.shape[0]:
         w = _load_u64(buf, j)
         if nbytes < 8:
             w &= (np.uint64(1) << np.uint64(8 * nbytes)) - np.uint64(1)
