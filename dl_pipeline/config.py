@@ -29,6 +29,10 @@ from dl_pipeline.errors import UserError
 # --------------------------------------------------------------------------------------------
 
 
+# The token hashes the featurizer computes (``features.word64``, ``zlib.crc32``).
+TOKEN_HASHES = ("word64", "crc32")
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise UserError(msg)
@@ -96,7 +100,7 @@ class FeaturesConfig:
     ngrams: int = 2
     max_tokens: int = 256
     # word64 (featurizer version 2; ~3x cheaper a token) or crc32 (version 1's ids: to
-    # fine-tune from a bundle trained on them, train.init_from).
+    # fine-tune from a bundle trained on them, train.init_from). TOKEN_HASHES lists them.
     token_hash: str = "word64"
 
     def __post_init__(self) -> None:
@@ -105,7 +109,7 @@ class FeaturesConfig:
         _require(0 < self.hash_buckets < 2**31, "features.hash_buckets must be in 1..2147483647 (ids are int32)")
         _require(self.ngrams in (1, 2), "features.ngrams must be 1 (unigrams) or 2 (unigrams + bigrams)")
         _require(self.max_tokens > 0, "features.max_tokens must be > 0")
-        _one_of("features", "token_hash", self.token_hash, ("word64", "crc32"))
+        _one_of("features", "token_hash", self.token_hash, TOKEN_HASHES)
 
 
 @dataclass(frozen=True)

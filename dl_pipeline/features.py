@@ -27,14 +27,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from dl_pipeline.config import DataConfig, FeaturesConfig
+from dl_pipeline.config import TOKEN_HASHES, DataConfig, FeaturesConfig
 
 # Raised whenever hashing, tokenizing or quantizing changes. Version 2 added the ``word64``
 # token hash (and made it the default); version 1 specs hash with crc32, which this code still
 # computes, so bundles trained before keep scoring.
 FEATURIZER_VERSION = 2
 # The token hashes each featurizer version this code computes may name (``tokens.hash``).
-COMPUTED_HASHES = {1: ("crc32",), 2: ("crc32", "word64")}
+COMPUTED_HASHES = {1: ("crc32",), 2: TOKEN_HASHES}
 
 # ---------------------------------------------------------------------------------------------
 # Cleaning
@@ -163,7 +163,9 @@ def not_computable(spec: dict[str, Any]) -> str | None:
     version = spec.get("version")
     if version not in COMPUTED_HASHES:
         return f"featurizer version {version}, but this dl_pipeline computes versions {', '.join(map(str, COMPUTED_HASHES))}"
-    name = spec.get("tokens", {}).get("hash", "crc32") if spec.get("kind") == "text" else "crc32"
+    if spec.get("kind") != "text":
+        return None
+    name = spec.get("tokens", {}).get("hash", "crc32")
     if name not in COMPUTED_HASHES[version]:
         return f"tokens.hash {name!r} is not a featurizer version {version} hash (this dl_pipeline knows {', '.join(COMPUTED_HASHES[version])})"
     return None
@@ -272,8 +274,8 @@ def featurize_texts(texts: Sequence[str | None] | Any, spec: dict[str, Any]) -> 
     byte_lower, byte_class, byte_code = text_kernel.ascii_tables(table.tobytes())
     buckets, ngrams = np.uint64(ts["buckets"]), int(ts["ngrams"])
     hash_name = ts.get("hash", "crc32")
-    if hash_name not in ("crc32", "word64"):  # bundles are checked on load (not_computable); a hand-made spec here
-        raise ValueError(f"tokens.hash={hash_name!r}: this featurizer computes crc32 or word64")
+    if hash_name not in TOKEN_HASHES:  # bundles are checked on load (not_computable); a hand-made spec here
+        raise ValueError(f"tokens.hash={hash_name!r}: this featurizer computes {' or '.join(TOKEN_HASHES)}")
     hash_kind = text_kernel.WORD64 if hash_name == "word64" else text_kernel.CRC32
     text_kernel.featurize_utf8(data, offsets, lower, classes, table, byte_lower, byte_class, byte_code,
                                text_kernel.crc_table(), hash_kind,

@@ -150,6 +150,15 @@ def _ascii_lower_word(w):
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
+def _word64_step(h, w, ascii_lower):
+    """One word of ``word64``: w (lower-cased first if asked) xored in, multiplied, folded."""
+    if ascii_lower:
+        w = _ascii_lower_word(w)
+    h = (h ^ w) * np.uint64(WORD64_STEP)
+    return h ^ (h >> np.uint64(32))
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
 def _word64(buf, start, stop, ascii_lower):
     """The ``word64`` hash of buf[start:stop] (``features.word64``'s definition): the bytes 8 at
     a time as little-endian words (the last zero-padded), each xored in and multiplied, then
@@ -158,18 +167,10 @@ def _word64(buf, start, stop, ascii_lower):
     n = stop - start
     h = np.uint64(WORD64_SEED) ^ np.uint64(n)
     if 0 < n <= 8:  # most tokens: one word, straight-line code (the loop below cost ~0.1 us/row more)
-        w = _word(buf, start, n)
-        if ascii_lower:
-            w = _ascii_lower_word(w)
-        h = (h ^ w) * np.uint64(WORD64_STEP)
-        h ^= h >> np.uint64(32)
+        h = _word64_step(h, _word(buf, start, n), ascii_lower)
     else:
         for j in range(start, stop, 8):
-            w = _word(buf, j, min(8, stop - j))
-            if ascii_lower:
-                w = _ascii_lower_word(w)
-            h = (h ^ w) * np.uint64(WORD64_STEP)
-            h ^= h >> np.uint64(32)
+            h = _word64_step(h, _word(buf, j, min(8, stop - j)), ascii_lower)
     h ^= h >> np.uint64(33)
     h *= np.uint64(FMIX1)
     h ^= h >> np.uint64(33)

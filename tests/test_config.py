@@ -41,6 +41,7 @@ def test_defaults_and_yaml_diff_and_overrides(tmp_path):
         (["shard.val_fraction=0.6", "shard.test_fraction=0.5"], "shard.val_fraction + shard.test_fraction must be < 1"),
         (["shard.row_group_mb=4096"], "shard.row_group_mb must be in 1..1024"),
         (["features.hash_buckets=4294967296"], r"features.hash_buckets must be in 1..2147483647"),
+        (["features.token_hash=md5"], "features.token_hash='md5': must be one of word64, crc32"),
         (["data.num_fields=5"], "data.num_fields=5"),
         (["data.label_names=[a,b]", "data.num_classes=3"], "data.label_names has 2 names but data.num_classes=3"),
     ],
