@@ -134,21 +134,24 @@ def fasttext_peer(spark, cfg, workdir: str, epochs: int = 10, repeats: int = 1) 
     import time
 
     import fasttext
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    from pyspark.sql import functions as F
 
     from dl_pipeline import fsutil
     from dl_pipeline.dataset import split_url
-    from dl_pipeline.features import tokenize
-    from dl_pipeline.prepare import _label_map, clean_content, parse_labels
-    from dl_pipeline.sources import read_raw
+    from dl_pipeline.features import check_record, content_hashes, tokenize
+    from dl_pipeline.prepare_tasks import row_ids
+    from dl_pipeline.sources import parse_zhang_line
 
     out = cfg.prepare.output_path
-    raw = read_raw(spark, cfg.data)
-    label_index, _, k = _label_map(spark, raw, cfg.data)
-    texts = (raw.transform(parse_labels(label_index, cfg.data.label_base, k)).transform(clean_content(cfg.data))
-             .where(F.col("reason").isNull()).select(F.lower(F.hex("h")).alias("row_id"), "text"))
-    text_of = dict(texts.dropDuplicates(["row_id"]).toPandas().itertuples(index=False))
+    texts = []  # every parsed and cleaned text of the inputs; our row ids are their content hashes
+    for path in (cfg.data.train_path, cfg.data.test_path):
+        with open(fsutil.local_path(fsutil.to_url(path)) or path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                _, parts, reason = parse_zhang_line(line.rstrip("\r\n"), cfg.data.num_fields)
+                if reason is None:
+                    texts.append(check_record(parts, cfg.data.title_separator, cfg.data.max_text_chars)[1] or "")
+    text_of = dict(zip(row_ids(content_hashes(pa.array(texts, pa.string()))).to_pylist(), texts, strict=True))
     files, rows = {}, {}
     for split in ("train", "test"):
         # our row order: fastText reads its file in order, we shuffle; give it our shards' (already shuffled) order

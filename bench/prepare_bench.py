@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from common import SparkMemory, cpu_delta, emit, machine, peak_rss_mb, resampled_ag_news, spark_cpu_seconds
 
 from dl_pipeline.config import SparkConfig, load_config
+from dl_pipeline.dataset import use_mimalloc
 from dl_pipeline.features import clean_record, featurize_texts, list_array, text_spec
 from dl_pipeline.prepare import prepare_dataset
 from dl_pipeline.sources import parse_zhang_line
@@ -41,6 +42,7 @@ def single_process(path: str, out: str, cfg) -> tuple[float, float]:
     """The same parse -> reject -> clean -> dedupe -> featurize -> Parquet, in one process:
     (wall seconds, CPU seconds)."""
     spec = text_spec(cfg.features, cfg.data)
+    use_mimalloc()  # the Spark job's tasks write with it too
     t0, c0 = time.perf_counter(), time.process_time()
     texts, labels, seen = [], [], set()
     with open(path, encoding="utf-8") as fh:

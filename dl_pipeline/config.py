@@ -137,6 +137,12 @@ class ShardConfig:
 @dataclass(frozen=True)
 class PrepareConfig:
     output_path: str = ""
+    # Who reads the inputs: auto (prepare's own tasks for line-mode Zhang CSV on a local
+    # filesystem, else Spark's readers), python (own tasks, or a one-line error), spark.
+    io: str = "auto"
+
+    def __post_init__(self) -> None:
+        _one_of("prepare", "io", self.io, ("auto", "python", "spark"))
 
 
 @dataclass(frozen=True)

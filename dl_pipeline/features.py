@@ -117,11 +117,21 @@ def check_record(parts: Sequence[Any] | None, separator: str, max_chars: int,
     In order: no text at all or nothing left after cleaning -> ``empty_text``; U+FFFD from
     decoding -> ``invalid_utf8`` (when rejected; score keeps such rows); more than ``max_chars``
     characters over the raw fields -> ``text_too_long``."""
-    if parts is None or all(p is None or p == "" for p in parts):
+    if parts is None:
         return "empty_text", None
-    if reject_invalid_utf8 and any(p and "\ufffd" in p for p in parts):
-        return "invalid_utf8", None
-    if sum(len(p) for p in parts if p) > max_chars:
+    if None in parts:
+        parts = [p or "" for p in parts]
+    # Plain loops, not any()/sum() over generators: this runs once per input row (~0.5 us less).
+    chars = 0
+    for p in parts:
+        chars += len(p)
+    if not chars:
+        return "empty_text", None
+    if reject_invalid_utf8:
+        for p in parts:
+            if "\ufffd" in p:
+                return "invalid_utf8", None
+    if chars > max_chars:
         return "text_too_long", None
     text = clean_record(parts, separator)
     return (None, text) if text else ("empty_text", None)
@@ -307,19 +317,40 @@ def _utf8_buffers(texts: Any) -> tuple[np.ndarray, np.ndarray]:
     Arrow's own layout, so an Arrow column is read in place and a Python list is converted by
     Arrow in C (~40 ns/row)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     arr = texts if isinstance(texts, (pa.Array, pa.ChunkedArray)) else pa.array(texts, type=pa.large_string())
+    return _value_buffers(arr, pa.large_string())
+
+
+def _value_buffers(arr: Any, large_type: Any) -> tuple[np.ndarray, np.ndarray]:
+    """An Arrow string or binary array -> (its bytes uint8 [total], row offsets int64 [n + 1]),
+    as ``large_type``; nulls are empty."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    if arr.type != pa.large_string():
-        arr = arr.cast(pa.large_string())
+    if arr.type != large_type:
+        arr = arr.cast(large_type)
     if arr.null_count:
-        arr = pc.fill_null(arr, "")
+        arr = pc.fill_null(arr, pa.scalar(b"" if large_type == pa.large_binary() else "", large_type))
     _, offsets, data = arr.buffers()
     offsets = np.frombuffer(offsets, dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
     data = np.frombuffer(data, dtype=np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
     return data, offsets
+
+
+def content_hashes(values: Any) -> np.ndarray:
+    """Texts or pixel blobs (an Arrow string or binary array) -> uint64 [n]: ``word64`` of each
+    value's bytes (no case folding; a text's UTF-8). Two values are the same content for
+    prepare when these are equal."""
+    import pyarrow as pa
+
+    from dl_pipeline import text_kernel
+
+    binary = pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type)
+    data, offsets = _value_buffers(values, pa.large_binary() if binary else pa.large_string())
+    return text_kernel.hash_values(data, offsets)
 
 
 def quantize_chars(texts: Sequence[str], spec: dict[str, Any]) -> np.ndarray:

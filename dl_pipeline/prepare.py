@@ -1,10 +1,13 @@
 """prepare: raw datasets -> cleaned, featurized, sharded typed-Parquet datasets (read with Petastorm) plus a manifest.
 
-Pipeline (each step a ``DataFrame -> DataFrame`` transform)::
+Pipeline (driver code; the tasks' code is in prepare_tasks)::
 
-    read_raw -> parse_labels -> clean_content -> resolve_duplicates (the one shuffle) -> assign_splits
-             -> write_outputs: featurize, count, write rejects/ + train/ val/ test/ (one job, no cache)
-             -> accounting identity checked -> publish: manifest.json switched to this run's v/<run>/
+    inputs -> spill: Python tasks read their byte ranges of line-mode Zhang CSV (or Spark reads
+              the other formats), check labels and text, write rejects/ and spill the rest by
+              row group (the rows' content and seed decide it)
+           -> write_outputs: one task per core de-duplicates each row group, splits, orders,
+              featurizes and writes train/ val/ test/ (+ rejects/ for duplicates)
+           -> accounting identity checked -> publish: manifest.json switched to this run's v/<run>/
 
 Every input row ends in exactly one place: a split, ``rejects/`` with a reason, or (for exact
 duplicates, also kept in ``rejects/`` with reason ``duplicate``) counted as a duplicate.
@@ -12,175 +15,23 @@ duplicates, also kept in ``rejects/`` with reason ``duplicate``) counted as a du
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import time
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-
-from dl_pipeline import dataset, features, fsutil
+from dl_pipeline import dataset, features, fsutil, prepare_tasks
 from dl_pipeline.config import Config, DataConfig, ShardConfig
 from dl_pipeline.errors import PipelineError, UserError
-from dl_pipeline.sources import estimate_rows, read_raw
+from dl_pipeline.prepare_tasks import PrepareTask
+from dl_pipeline.sources import estimate_rows, is_line_mode, read_raw
 from dl_pipeline.spark import hadoop_delete, hadoop_path
 from dl_pipeline.testhooks import wait_to_be_killed
 
 log = logging.getLogger(__name__)
 
-RAW_LIMIT = 4096  # bytes of the raw record kept in rejects/
-
-
-# ---------------------------------------------------------------------------------------------
-# Transforms
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_labels(label_index: dict[str, int] | None, base: int, num_classes: int):
-    """label_raw -> 0-based ``label``; rejects non-integers and labels outside base..base+K-1.
-
-    With ``label_index`` (image folders) the raw label is a class name looked up in it.
-    """
-    from pyspark.sql import functions as F
-
-    def transform(df):
-        raw = F.trim(F.col("label_raw"))
-        if label_index is not None:
-            mapping = F.create_map(*[x for k, v in sorted(label_index.items()) for x in (F.lit(k), F.lit(v))])
-            label = mapping[raw]
-            bad = F.when(label.isNull(), F.lit("label_unknown"))
-        else:
-            is_int = raw.rlike(r"^[+-]?[0-9]{1,9}$")
-            value = F.when(is_int, raw.cast("int"))
-            label = value - F.lit(base)
-            bad = F.when(~is_int | raw.isNull(), F.lit("label_not_integer")).when(
-                (label < 0) | (label >= num_classes), F.lit("label_out_of_range")
-            )
-        return df.withColumn("reason", F.coalesce("reason", bad)).withColumn(
-            "label", F.when(F.col("reason").isNull(), label.cast("int"))
-        )
-
-    return transform
-
-
-def clean_content(data: DataConfig):
-    """Text: reject invalid UTF-8 / over-long rows, clean and join the fields, reject empties.
-
-    Adds ``text`` (string, null for images) and ``h`` (64-bit content hash of text or pixels);
-    drops ``parts``.
-    """
-    from pyspark.sql import functions as F
-    from pyspark.sql.functions import pandas_udf
-
-    separator, max_chars, reject_utf8 = data.title_separator, data.max_text_chars, data.invalid_utf8 == "reject"
-
-    @pandas_udf("reason string, text string")
-    def check_udf(parts: pd.Series) -> pd.DataFrame:
-        checked = [features.check_record(None if p is None else list(p), separator, max_chars, reject_utf8) for p in parts]
-        reasons, texts = zip(*checked, strict=True) if checked else ((), ())
-        return pd.DataFrame({"reason": list(reasons), "text": list(texts)}, dtype=object)
-
-    def transform(df):
-        if data.kind != "text":
-            return (
-                df.withColumn("text", F.lit(None).cast("string"))
-                .withColumn("h", F.when(F.col("content").isNotNull(), F.xxhash64("content")))
-                .drop("parts")
-            )
-        if "text_reason" in df.columns:  # checked and cleaned while parsing (line-mode CSV)
-            df = df.withColumn("reason", F.coalesce("reason", "text_reason")).drop("text_reason")
-            df = df.withColumn("text", F.when(F.col("reason").isNull(), F.col("text")))
-        else:  # fields split by Spark: the same rule set (features.check_record), on the rows not yet rejected
-            checked = check_udf(F.col("parts"))
-            df = df.withColumn("_c", F.when(F.col("reason").isNull(), checked))
-            df = df.withColumn("reason", F.coalesce("reason", "_c.reason")).withColumn("text", F.col("_c.text")).drop("_c")
-        df = df.withColumn(
-            "reason",
-            F.coalesce("reason", F.when(F.col("text").isNull() | (F.col("text") == ""), F.lit("empty_text"))),
-        )
-        # The split-out fields are not needed past here: dropped before the shuffle (~1/3 of it).
-        return df.withColumn("h", F.when(F.col("reason").isNull(), F.xxhash64("text"))).drop("parts")
-
-    return transform
-
-
-def resolve_duplicates(num_row_groups: int, num_partitions: int, seed: int):
-    """Same content with different labels -> all rejected (``conflicting_labels``); exact
-    duplicates -> the first (by file, row number) kept, the rest marked ``duplicate``.
-
-    Decided per origin: a training row that also appears in the test file stays in both, the
-    test file is the benchmark's and must keep all its rows.
-
-    The one shuffle of the job happens here: rows are hash-partitioned on ``_rg``, a seeded
-    hash of the content, into ``num_partitions`` partitions, and get ``_group`` = the same hash
-    modulo ``num_row_groups`` (a multiple of ``num_partitions``, so a group never spans two
-    partitions). All copies of a text meet in one task, so the window needs no second
-    exchange, and each group later becomes one row group of every split: groups are
-    near-equal (binomial), mix classes, and a row's group depends on its content only.
-    Already-rejected rows get a key of their own so they neither group together nor skew one
-    task.
-    """
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    def transform(df):
-        ok = F.col("reason").isNull()
-        group = F.when(ok, F.col("h")).otherwise(F.xxhash64("source_file", "row_number", "raw"))
-        df = df.withColumn("_g", group).withColumn("_rg", F.xxhash64("_g", F.lit(seed)))
-        # F.hash is the Murmur3 that HashPartitioning uses: pmod(hash, groups) mod partitions
-        # is the partition id, since partitions divide groups.
-        if num_row_groups % num_partitions:
-            raise ValueError(f"{num_partitions} partitions do not divide {num_row_groups} row groups")
-        df = df.withColumn("_group", F.pmod(F.hash("_rg"), F.lit(num_row_groups)))
-        # _key: the group in the high bits, 40 bits of _rg below. Sorting on it leaves each row
-        # group's rows together, in a seeded hash order of their content, which is all the
-        # writer needs: no second sort. Sorting on _group first instead left ~N/groups rows
-        # sharing each sort prefix, and every comparison went on to the full row.
-        key = F.shiftleft(F.col("_group").cast("long"), 40).bitwiseOR(F.col("_rg").bitwiseAND(F.lit((1 << 40) - 1)))
-        df = df.withColumn("_key", key).repartition(num_partitions, "_rg")
-        # (_key, _rg, _g) rather than (_g): hash partitioning on _rg satisfies the window's
-        # clustering, and _key and _rg are functions of _g, so the groups are the same.
-        ordered = Window.partitionBy("_key", "_rg", "_g", "origin").orderBy(
-            F.col("source_file"), F.col("row_number").asc_nulls_last(), F.col("raw"))
-        # One partition and order spec for both windows: Spark then sorts the rows once, not
-        # twice (an unordered window for min/max would be a second Window with its own Sort).
-        whole = ordered.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-        conflict = F.min("label").over(whole) != F.max("label").over(whole)
-        first = F.row_number().over(ordered) == 1
-        reason = F.when(ok & conflict, F.lit("conflicting_labels")).when(ok & ~first, F.lit("duplicate")).otherwise(F.col("reason"))
-        # Clean rows no longer need their raw record (only rejects keep it).
-        return (
-            df.withColumn("reason", reason)
-            .withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw")))
-            .drop("_g", "_rg", "_key")
-        )
-
-    return transform
-
-
-def assign_splits(shard: ShardConfig, has_test_file: bool):
-    """Split as a function of the content hash and seed only: stable when rows are added."""
-    from pyspark.sql import functions as F
-
-    def transform(df):
-        u = F.pmod(F.xxhash64(F.col("h"), F.lit(shard.seed)), F.lit(1_000_000)) / F.lit(1_000_000.0)
-        test_cut = 0.0 if has_test_file else shard.test_fraction
-        split = (
-            F.when(F.col("origin") == "test", F.lit("test"))
-            .when(u < test_cut, F.lit("test"))
-            .when(u < test_cut + shard.val_fraction, F.lit("val"))
-            .otherwise(F.lit("train"))
-        )
-        status = F.when(F.col("reason").isNull(), F.lit("ok")).when(F.col("reason") == "duplicate", F.lit("duplicate"))
-        return df.withColumn("split", F.when(F.col("reason").isNull(), split)).withColumn(
-            "status", F.coalesce(status, F.lit("rejected"))
-        )
-
-    return transform
+REJECTS_SCHEMA = prepare_tasks.rejects_schema()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,131 +80,8 @@ def choose_row_groups(n_rows: int, spec: dict[str, Any], shard: ShardConfig) -> 
     return max(1, min(n_rows, max(shard.max_workers * shard.row_groups_per_worker, by_size)))
 
 
-def choose_layout(n_rows: int, spec: dict[str, Any], shard: ShardConfig, shuffle_partitions: int) -> tuple[int, int]:
-    """(row groups, shuffle partitions): partitions divide groups; more groups than
-    ``spark.sql.shuffle.partitions`` are rounded up to a multiple of it."""
-    groups = max(1, choose_row_groups(n_rows, spec, shard))
-    if groups <= shuffle_partitions:
-        return groups, groups
-    return math.ceil(groups / shuffle_partitions) * shuffle_partitions, shuffle_partitions
-
-
 INJECT_FAILURE_CONF = "spark.dl_pipeline.test.inject_prepare_failure"
-PAUSE_CONF = "spark.dl_pipeline.test.pause_dir"  # test hook: see _dataset_writer
-REJECTS_SCHEMA = pa.schema([("origin", pa.string()), ("source_file", pa.string()), ("row_number", pa.int64()),
-                            ("raw", pa.string()), ("reason", pa.string())])
-_WRITER_OUTPUT = pa.schema([("kind", pa.string()), ("split", pa.string()), ("grp", pa.int32()), ("file", pa.string()),
-                            ("status", pa.string()), ("reason", pa.string()), ("label", pa.int32()), ("n", pa.int64())])
-_SPARK_TYPES = {pa.string(): "string", pa.int32(): "int", pa.int64(): "long"}
-_WRITER_DDL = ", ".join(f"{f.name} {_SPARK_TYPES[f.type]}" for f in _WRITER_OUTPUT)
-
-
-def _report(rows: list[dict[str, Any]]) -> pa.RecordBatch:
-    """Rows of _WRITER_OUTPUT, missing fields null."""
-    return pa.RecordBatch.from_pylist(rows, schema=_WRITER_OUTPUT)
-
-
-# The keys are statuses, reason codes, split names and label numbers: never NUL or US.
-_NULL, _SEP = "\x00", "\x1f"
-
-
-def _count_keys(batch: pa.RecordBatch) -> dict[tuple, int]:
-    """{(status, reason, split, label): rows} of one batch, in vectorised Arrow kernels (an
-    Acero group_by costs ~0.25 s a call here; this ~0.1 us a row)."""
-    import pyarrow.compute as pc
-
-    names = ("status", "reason", "split", "label")
-    cols = [pc.fill_null(pc.cast(batch.column(n), pa.string()), _NULL) for n in names]
-    out = {}
-    for item in pc.value_counts(pc.binary_join_element_wise(*cols, _SEP)).to_pylist():
-        status, reason, split, label = (None if v == _NULL else v for v in item["values"].split(_SEP))
-        out[(status, reason, split, None if label is None else int(label))] = item["counts"]
-    return out
-
-
-def _dataset_writer(spec: dict[str, Any], root: str, arrow_schema, inject_failure: bool = False, pause_dir: str = ""):
-    """The function ``mapInArrow`` runs on executors, once per task, over every row.
-
-    Rows come with each row group's rows together (see resolve_duplicates), in a seeded order
-    of their content. Writes, with pyarrow, under ``root`` (this run's directory):
-      * ``<split>/part-<group>.parquet``: one file = one row group per (split, group);
-      * ``rejects/part-<task>.parquet``: the task's rejected and duplicate rows.
-    Yields ("file", split, group, name, rows) per file and ("count", status, reason, split,
-    label, n) rows that the driver sums into the manifest's counts.
-
-    Featurizing and writing in the same Python pass means the feature blobs (~2 KB a row) never
-    travel back to the JVM, and counting here saves a pass over the data (and a cache of it).
-    Arrow batches, not pandas: only the text column becomes Python objects. pyarrow's output
-    depends on the rows alone: parquet-mr lists column encodings in identity-hash order, so the
-    same rows written by two JVMs used to differ.
-
-    Test hooks: ``inject_failure`` makes every task's first attempt raise after its first file;
-    ``pause_dir`` makes task 0's first attempt, after its first file, write its pid there and
-    wait (up to 60 s) for the test to kill it with a signal.
-    """
-    import pyarrow.compute as pc
-
-    def write(batches):
-        from pyspark import TaskContext
-
-        with contextlib.ExitStack() as open_files:  # on an exception the rejects file is not published
-            yield from _write(batches, TaskContext.get(), open_files)
-
-    def _write(batches, context, open_files):
-        # Test hook: every task's first attempt dies after it has written a file.
-        fail_after_first_file = inject_failure and context.attemptNumber() == 0
-        pending: dict[str, list[pa.RecordBatch]] = {}  # the current group's clean rows, by split
-        pending_group = None
-        counts: dict[tuple, int] = {}
-        rejects = None  # this task's rejects file, opened at the first reject
-        files = []
-
-        def flush():
-            for split, pieces in sorted(pending.items()):
-                rows = pa.Table.from_batches(pieces)
-                columns = features.encoded_features(rows.column("value"), spec)
-                table = pa.table({"row_id": rows.column("row_id"), "label": rows.column("label"), **columns}, schema=arrow_schema)
-                name = f"part-{pending_group:05d}.parquet"
-                dataset.write_row_group(fsutil.join(root, split, name), table)
-                files.append({"kind": "file", "split": split, "grp": pending_group, "file": name, "n": table.num_rows})
-            pending.clear()
-
-        for batch in batches:
-            if not batch.num_rows:
-                continue
-            for key, n in _count_keys(batch).items():
-                counts[key] = counts.get(key, 0) + n
-            ok = pc.equal(batch.column("status"), "ok")
-            if not pc.all(ok).as_py():
-                if rejects is None:
-                    url = fsutil.join(root, "rejects", f"part-{context.partitionId():05d}.parquet")
-                    rejects = open_files.enter_context(dataset.parquet_file(url, REJECTS_SCHEMA, compression="snappy"))
-                bad = batch.filter(pc.invert(ok))
-                rejects.write_table(pa.table([bad.column(n) for n in REJECTS_SCHEMA.names], schema=REJECTS_SCHEMA))
-                batch = batch.filter(ok)
-            # Clean rows: cut the batch where the group changes; a new group flushes the last.
-            group = batch.column("_group").to_numpy()
-            bounds = [0, *(np.flatnonzero(group[1:] != group[:-1]) + 1), len(group)]
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-                if lo == hi:
-                    continue
-                if pending_group is not None and group[lo] != pending_group:
-                    flush()
-                    if fail_after_first_file:
-                        raise RuntimeError("injected prepare failure")
-                    if pause_dir and context.partitionId() == 0 and context.attemptNumber() == 0:
-                        wait_to_be_killed(pause_dir)
-                pending_group = int(group[lo])
-                piece = batch.slice(lo, hi - lo)
-                split = piece.column("split")
-                for name in pc.unique(split).to_pylist():
-                    pending.setdefault(name, []).append(piece.filter(pc.equal(split, name)))
-        flush()
-        open_files.close()  # publishes the rejects file
-        files += [{"kind": "count", "status": s, "reason": r, "split": p, "label": lab, "n": n} for (s, r, p, lab), n in counts.items()]
-        yield _report(files)
-
-    return write
+PAUSE_CONF = "spark.dl_pipeline.test.pause_dir"  # test hook: see prepare_tasks.write_groups
 
 
 def _drop_attempt_leftovers(spark, url: str) -> None:
@@ -367,41 +95,53 @@ def _drop_attempt_leftovers(spark, url: str) -> None:
             fs.delete(status.getPath(), False)
 
 
-def write_outputs(spark, resolved, root: str, spec: dict[str, Any], num_partitions: int, num_classes: int,
+def spill(spark, data: DataConfig, task: PrepareTask, splits: list[tuple[Any, str]] | None, raw) -> list[dict[str, Any]]:
+    """Pass 1 (prepare_tasks.Spill): -> the spill tasks' report rows. ``splits``: (line split,
+    origin) pairs the tasks read themselves; else ``raw``, the frame Spark read."""
+    from dl_pipeline.score_tasks import first_numbers, run_tasks
+
+    if splits is None:
+        return [r.asDict() for r in raw.mapInArrow(prepare_tasks.spill_frame(task), prepare_tasks.REPORT_DDL).collect()]
+    first, _, broken = first_numbers(spark, [s for s, _ in splits])
+    if broken:
+        raise UserError(f"{broken}: deliver it again or move it out of the input; nothing was published")
+
+    def run(i: int) -> list[dict[str, Any]]:
+        return prepare_tasks.spill_lines(splits[i][0], first[i], splits[i][1], i, task)
+
+    return run_tasks(spark, len(splits), run)
+
+
+def write_outputs(spark, spilled: list[dict[str, Any]], task: PrepareTask,
                   train_path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Write ``<root>/rejects`` and the datasets ``<root>/{train,val,test}`` in one Spark job;
-    returns (summary of counts, split info). Raises if the rows do not add up.
+    """Pass 2 (prepare_tasks.write_groups): the row groups shared among one task per core,
+    then the counts summed and checked -> (summary of counts, split info). Raises if the rows
+    do not add up; nothing is published then (``task.root`` is this run's own directory)."""
+    from dl_pipeline.score_tasks import run_tasks
 
-    ``root`` is this run's own directory (see dataset: nothing reads it until the manifest
-    names it). ``resolved`` is hash-partitioned so that every row group (``_group``, see
-    resolve_duplicates) lies within one partition; partitions are coalesced into one Python
-    task per core (fewer rejects files, and each task's fixed cost paid once per core), which
-    writes its files (see _dataset_writer); the driver checks them against the counts. Rows
-    inside a group are ordered by a seeded hash of their content: random and reproducible, so
-    re-runs give byte-identical shards, on any cluster.
-    """
-    from pyspark.sql import functions as F
+    sources: dict[int, list[tuple[str, int]]] = {}
+    for r in sorted((r for r in spilled if r["kind"] == "spill"), key=lambda r: (r["grp"], r["file"], r["batch"])):
+        sources.setdefault(r["grp"], []).append((r["file"], r["batch"]))
+    groups = sorted(sources)
+    tasks = max(1, min(spark.sparkContext.defaultParallelism, len(groups)))
+    shares = [groups[i::tasks] for i in range(tasks)]
 
-    schema = dataset.arrow_schema(spec)
-    tasks = max(1, min(spark.sparkContext.defaultParallelism, num_partitions))
-    ok = F.col("status") == "ok"
-    rows = (
-        resolved.select(
-            "status", "reason", "split", "_group", "label", "origin", "source_file", "row_number",
-            F.when(ok, F.lower(F.hex("h"))).alias("row_id"),
-            F.when(ok, F.col("text") if spec["kind"] == "text" else F.col("content")).alias("value"),
-            F.when(~ok, F.substring("raw", 1, RAW_LIMIT)).alias("raw"),
-        )
-        .coalesce(tasks)  # keeps each partition's order, so each group's rows stay together
-    )
-    writer = _dataset_writer(spec, root, schema, spark.conf.get(INJECT_FAILURE_CONF, "false") == "true",
-                             spark.conf.get(PAUSE_CONF, ""))
-    written = rows.mapInArrow(writer, _WRITER_DDL).collect()
-    summary = summarize([r.asDict() for r in written if r["kind"] == "count"], num_classes)
+    def run(i: int) -> list[dict[str, Any]]:
+        return prepare_tasks.write_groups(i, shares[i], {g: sources[g] for g in shares[i]}, task)
+
+    written = run_tasks(spark, tasks, run) if groups else []
+    hadoop_delete(spark, fsutil.join(task.root, prepare_tasks.SPILL_DIR))
+    counts = [r for r in spilled + written if r["kind"] == "count"]
+    summary = summarize(counts, task.num_classes)
     check_accounting(summary["counts"])
+    spilled_rows = sum(r["n"] for r in spilled if r["kind"] == "spill")
+    decided = sum(r["n"] for r in written if r["kind"] == "count")
+    if spilled_rows != decided:
+        raise PipelineError(f"{task.root}: {spilled_rows} rows were spilled, {decided} came out of the writers")
     keys = [(w["split"], w["grp"]) for w in written if w["kind"] == "file"]
     if len(keys) != len(set(keys)):  # a group split across tasks: never silently
-        raise PipelineError(f"{root}: a row group was written by more than one task: {sorted(keys)}")
+        raise PipelineError(f"{task.root}: a row group was written by more than one task: {sorted(keys)}")
+    root = task.root
     for name in ("rejects", *dataset.SPLITS):
         _drop_attempt_leftovers(spark, fsutil.join(root, name))
 
@@ -413,6 +153,7 @@ def write_outputs(spark, resolved, root: str, spec: dict[str, Any], num_partitio
     if not fsutil.exists(fsutil.join(root, "rejects")):  # no rejects: still a (empty) table, so readers need no special case
         dataset.write_row_group(fsutil.join(root, "rejects", "part-00000.parquet"), REJECTS_SCHEMA.empty_table())
 
+    schema = dataset.arrow_schema(task.spec)
     splits = {}
     for split in dataset.SPLITS:
         url = fsutil.join(root, split)
@@ -473,15 +214,15 @@ def publish(spark, out: str, manifest: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _label_map(spark, raw, data: DataConfig) -> tuple[dict[str, int] | None, list[str], int]:
-    """(class-name index for image folders or None, label names, K)."""
+def _label_map(spark, raw, data: DataConfig) -> tuple[tuple[str, ...] | None, list[str], int]:
+    """(class names labels index for image folders or None, label names, K)."""
     if data.kind == "image_folder":
         from pyspark.sql import functions as F
 
         names = sorted(r[0] for r in raw.select(F.trim("label_raw")).distinct().collect() if r[0])
         if not names:
             raise UserError(f"{data.train_path}: no class sub-folders with .png/.jpg images found")
-        return {n: i for i, n in enumerate(names)}, names, len(names)
+        return tuple(names), names, len(names)
     k = data.num_classes or len(data.label_names)
     if k == 0:
         raise UserError("data.num_classes is not set: set it (e.g. 4 for AG News) so labels outside 1..K are rejected")
@@ -503,10 +244,41 @@ def _input_files(data: DataConfig) -> list[dict[str, Any]]:
     return out
 
 
-def _shuffle_partitions(spark) -> int:
-    """spark.sql.shuffle.partitions, or the cluster's cores where it is "auto" (Databricks)."""
-    value = spark.conf.get("spark.sql.shuffle.partitions", "200")
-    return int(value) if value.isdigit() else max(1, spark.sparkContext.defaultParallelism)
+def own_io_splits(data: DataConfig, io: str, cores: int) -> list[tuple[Any, str]] | None:
+    """(line split, origin) pairs for spill tasks that read the inputs themselves
+    (``prepare.io``: line-mode Zhang CSV on a filesystem Python reads, named as Spark's
+    reader would list them), else None: Spark's readers then read them."""
+    from dl_pipeline.line_splits import plan
+    from dl_pipeline.score_tasks import MAX_SPLIT_BYTES, gzip_holds_up_the_cores, input_files
+
+    if io == "spark":
+        return None
+    paths = [(origin, p) for origin, p in (("train", data.train_path), ("test", data.test_path)) if p]
+    why = None if data.kind == "text" and is_line_mode(data) else "it reads line-mode Zhang CSV only (data.format: zhang_csv, UTF-8, data.multiline: false)"
+    if why is None and io == "auto" and not all(fsutil.local_path(p) for _, p in paths):
+        return None
+    origins: dict[str, str] = {}
+    for origin, path in paths if why is None else []:
+        why = fsutil.filesystem_error(path)
+        if why:
+            break
+        fs, fs_path = fsutil.fs_and_path(fsutil.to_url(path))
+        files, why = input_files(fs, fs_path)
+        if why:
+            break
+        if not files:
+            raise UserError(f"data.{origin}_path={path}: no such file or directory; fix the path (Hadoop URIs like s3a:// work too)")
+        origins.update({fsutil.to_url(f): origin for f in files})
+    if why is None and io == "auto":
+        fs, _ = fsutil.fs_and_path(fsutil.to_url(paths[0][1]))
+        if gzip_holds_up_the_cores(fs, [fsutil.fs_and_path(u)[1] for u in origins], cores):
+            return None
+    if why is not None:
+        if io == "python":
+            raise UserError(f"prepare.io=python: {why}; set prepare.io=auto")
+        return None
+    sizes = {url: fsutil.fs_and_path(url)[0].size(fsutil.fs_and_path(url)[1]) for url in origins}
+    return [(split, origins[split.url]) for split in plan(sizes, 2 * cores, MAX_SPLIT_BYTES)]
 
 
 def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
@@ -526,28 +298,33 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
 
 def _prepare(spark, cfg: Config, out: str) -> dict[str, Any]:
     data, spec = cfg.data, (features.text_spec(cfg.features, cfg.data) if cfg.data.kind == "text" else features.image_spec(cfg.data))
+    if not data.train_path:
+        raise UserError("data.train_path is not set: pass --set data.train_path=... or set it in the config file")
     timings: dict[str, float] = {}
     t0 = time.time()
     inputs = _input_files(data)
     timings["checksum_inputs_s"] = round(time.time() - t0, 3)
 
     t = time.time()
-    raw = read_raw(spark, data)
-    label_index, label_names, k = _label_map(spark, raw, data)
-    # Row groups are fixed before the data is read (each lies within one partition of the one
-    # shuffle), from an estimate of the input rows that leans high.
+    splits = own_io_splits(data, cfg.prepare.io, spark.sparkContext.defaultParallelism)
+    raw = read_raw(spark, data) if splits is None else None
+    class_names, label_names, k = _label_map(spark, raw, data)
+    # Row groups are fixed before the data is read, from an estimate of the input rows that leans high.
     n_est = estimate_rows(data)
-    groups, partitions = choose_layout(n_est, spec, cfg.shard, _shuffle_partitions(spark))
-    resolved = (
-        raw.transform(parse_labels(label_index, data.label_base, k))
-        .transform(clean_content(data))
-        .transform(resolve_duplicates(groups, partitions, cfg.shard.seed))
-        .transform(assign_splits(cfg.shard, bool(data.test_path)))
-    )
+    groups = max(1, choose_row_groups(n_est, spec, cfg.shard))
     root = new_run_root()
-    summary, splits = write_outputs(spark, resolved, fsutil.join(out, root), spec, partitions, k, data.train_path)
+    task = PrepareTask(
+        root=fsutil.join(out, root), spec=spec, groups=groups, seed=cfg.shard.seed, val_fraction=cfg.shard.val_fraction,
+        test_cut=0.0 if data.test_path else cfg.shard.test_fraction, num_classes=k, label_base=data.label_base,
+        class_names=class_names, num_fields=data.num_fields, separator=data.title_separator, max_chars=data.max_text_chars,
+        reject_invalid_utf8=data.invalid_utf8 == "reject",
+        inject_failure=spark.conf.get(INJECT_FAILURE_CONF, "false") == "true", pause_dir=spark.conf.get(PAUSE_CONF, ""))
+    spilled = spill(spark, data, task, splits, raw)
+    timings["spill_s"] = round(time.time() - t, 3)
+    summary, split_info = write_outputs(spark, spilled, task, data.train_path)
     timings["read_clean_write_s"] = round(time.time() - t, 3)
-    log.info("prepare counts: %s (%d row groups, estimated %d input rows)", json.dumps(summary["counts"]), groups, n_est)
+    log.info("prepare counts: %s (%d row groups, estimated %d input rows; inputs read by %s)", json.dumps(summary["counts"]),
+             groups, n_est, "Spark" if splits is None else "prepare's tasks")
 
     timings["total_s"] = round(time.time() - t0, 3)
     manifest = {
@@ -556,9 +333,9 @@ def _prepare(spark, cfg: Config, out: str) -> dict[str, Any]:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "counts": summary["counts"],
         "rejects_by_reason": summary["rejects_by_reason"],
-        "splits": splits,
+        "splits": split_info,
         "num_classes": k,
-        "label_base": data.label_base if label_index is None else 0,
+        "label_base": data.label_base if class_names is None else 0,
         "label_names": label_names,
         "featurizer": spec,
         "schema": dataset.feature_shapes(spec),

@@ -345,7 +345,7 @@ def _own_io_files(cfg: Config, kind: str, in_path: str, cores: int) -> list[str]
     (``score.io``), else None."""
     from urllib.parse import urlparse
 
-    from dl_pipeline.score_tasks import input_files
+    from dl_pipeline.score_tasks import gzip_holds_up_the_cores, input_files
     from dl_pipeline.sources import is_line_mode
 
     s = cfg.score
@@ -369,7 +369,7 @@ def _own_io_files(cfg: Config, kind: str, in_path: str, cores: int) -> list[str]
         return None
     if not files:
         raise UserError(f"score.input_path={in_path}: no such file or directory; fix the path or --run-date")
-    if s.io == "auto" and _a_gzip_file_would_hold_up_the_cores(fs, files, cores):
+    if s.io == "auto" and gzip_holds_up_the_cores(fs, files, cores):
         return None
     # The URL Spark's input_file_name() gives: the user's scheme (s3a, dbfs), not fsspec's.
     scheme = urlparse(in_path).scheme
@@ -378,23 +378,6 @@ def _own_io_files(cfg: Config, kind: str, in_path: str, cores: int) -> list[str]
     if scheme == "dbfs":
         return ["dbfs:/" + f.removeprefix("/dbfs/").lstrip("/") for f in files]
     return [f"{scheme}://{f.lstrip('/')}" for f in files]
-
-
-# Text shrinks ~2.4-4x under gzip (AG News: 2.4x): a gzip file's bytes, weighed as lines to score.
-GZIP_RATIO = 3
-
-
-def _a_gzip_file_would_hold_up_the_cores(fs, files: list[str], cores: int) -> bool:
-    """Whether one gzip file (one task: it cannot be cut) holds more than twice an even share of
-    the input's lines per core. Spark's reader then does better: it reads the file in one task
-    too, but spreads its lines over every core to score them (``_spread_over_cores``). Twice,
-    since own I/O costs ~1/1.44 of Spark's I/O per row (bench/score_bench.py) and saves the
-    shuffle: on 2 cores one 1M-row gzip file scored in 0.75x the wall time of Spark's reader."""
-    from dl_pipeline.line_splits import is_gzip
-
-    weight = {f: fs.size(f) * (GZIP_RATIO if is_gzip(f) else 1) for f in files}
-    largest = max((w for f, w in weight.items() if is_gzip(f)), default=0)
-    return largest > 2 * sum(weight.values()) / max(1, cores)
 
 
 def _score_with_own_io(spark, cfg: Config, bundle, date: str, files: list[str], out: str):

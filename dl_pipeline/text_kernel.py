@@ -179,6 +179,17 @@ def _word64(buf, start, stop, ascii_lower):
     return h
 
 
+@njit(cache=_CACHE, nogil=True)
+def hash_values(data, offsets):
+    """``word64`` (no case folding) of each value data[offsets[i]:offsets[i + 1]] -> uint64 [n]:
+    prepare's content hash, the key its de-duplication, row groups and splits follow."""
+    n = offsets.shape[0] - 1
+    out = np.empty(n, np.uint64)
+    for i in range(n):
+        out[i] = _word64(data, offsets[i], offsets[i + 1], False)
+    return out
+
+
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _mod(v, d, inv):
     """v % d for uint64 v and 1 <= d < 2^31 (``features.hash_buckets``), without a 64-bit

@@ -384,35 +384,39 @@ def test_zhang_line_fast_path_agrees_with_the_csv_module(line):
     assert parse_zhang_line(line, 3) == expected
 
 
-def test_row_group_layout_partitions_divide_groups():
+def test_row_groups_are_sized_by_the_data_and_near_equal():
     from dl_pipeline.config import ShardConfig
-    from dl_pipeline.prepare import choose_layout
+    from dl_pipeline.prepare import choose_row_groups
+    from dl_pipeline.prepare_tasks import row_groups_of
 
     spec = {"kind": "text", "chars": {"enabled": True, "length": 1014}, "tokens": {"enabled": True, "max_tokens": 256}}
     shard = ShardConfig(max_workers=8, row_groups_per_worker=4, row_group_mb=64)
-    assert choose_layout(100_000, spec, shard, 8) == (32, 8)  # 4 x 8 workers; 8 partitions of 4 groups
-    assert choose_layout(100_000, spec, shard, 200) == (32, 32)  # never more partitions than groups
-    assert choose_layout(5, spec, shard, 8) == (5, 5)  # no empty groups asked for
-    groups, parts = choose_layout(3_600_000, spec, shard, 8)  # size-bound: ~128 groups of <= 64 MB
-    # a row: 1,014 chars + 256 x 4 token bytes + 2 list offsets + ~32 for the scalars = 2,078 bytes
-    assert groups % parts == 0 and groups >= 3_600_000 * 2078 / (64 << 20) and parts == 8
+    assert choose_row_groups(100_000, spec, shard) == 32  # 4 x 8 workers
+    assert choose_row_groups(5, spec, shard) == 5  # no empty groups asked for
+    # size-bound: a row is 1,014 chars + 256 x 4 token bytes + 2 list offsets + ~32 for the scalars = 2,078 bytes
+    assert choose_row_groups(3_600_000, spec, shard) >= 3_600_000 * 2078 / (64 << 20)
+    h = np.random.default_rng(0).integers(0, 1 << 63, 320_000, dtype=np.int64).astype(np.uint64) * np.uint64(2)
+    groups = row_groups_of(h, 42, 32)
+    sizes = np.bincount(groups, minlength=32)
+    assert len(sizes) == 32 and sizes.min() > 9_500 and sizes.max() < 10_500  # 10,000 +- 5 sd
+    assert (row_groups_of(h, 42, 32) == groups).all() and not (row_groups_of(h, 43, 32) == groups).all()  # the seed's
 
 
-def test_writer_counts_every_key_with_nulls_apart_from_values():
+def test_copies_are_decided_per_origin_the_first_by_file_and_row_kept():
     import pyarrow as pa
 
-    from dl_pipeline.prepare import _count_keys
+    from dl_pipeline.prepare_tasks import CONFLICT, DUPLICATE, OK, decide
 
-    batch = pa.RecordBatch.from_pydict({
-        "status": ["ok", "ok", "ok", "duplicate", "rejected", "rejected"],
-        "reason": [None, None, None, "duplicate", "empty_text", "empty_text"],
-        "split": ["train", "train", "val", None, None, None],
-        "label": pa.array([0, 0, 3, 1, None, None], pa.int32()),
+    rows = pa.table({
+        "h": pa.array([7, 7, 7, 9, 9, 7, 5], pa.uint64()),
+        "label": pa.array([1, 1, 1, 0, 2, 1, 3], pa.int32()),
+        "origin": ["train", "train", "train", "train", "train", "test", "train"],
+        "source_file": ["b.csv", "a.csv", "a.csv", "a.csv", "a.csv", "t.csv", "a.csv"],
+        "row_number": pa.array([1, 20, 3, 4, 5, 1, 6], pa.int64()),
+        "raw": ["r"] * 7,
     })
-    assert _count_keys(batch) == {
-        ("ok", None, "train", 0): 2, ("ok", None, "val", 3): 1,
-        ("duplicate", "duplicate", None, 1): 1, ("rejected", "empty_text", None, None): 2,
-    }
+    # h=7 in train: a.csv row 3 kept; the test file's copy stays; h=9: two labels, both out
+    assert decide(rows).tolist() == [DUPLICATE, DUPLICATE, OK, CONFLICT, CONFLICT, OK, OK]
 
 
 def test_prepare_and_score_give_the_same_rows_the_same_reasons(spark, bad_run, ag_model, tmp_path):

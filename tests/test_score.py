@@ -312,7 +312,7 @@ def test_auto_leaves_a_gzip_file_to_spark_when_it_would_hold_up_the_cores(tmp_pa
     the input per core (its bytes weighed x3), else Spark's reader spreads its lines over the cores."""
     import fsspec
 
-    from dl_pipeline.score import _a_gzip_file_would_hold_up_the_cores as holds_up
+    from dl_pipeline.score_tasks import gzip_holds_up_the_cores as holds_up
 
     fs = fsspec.filesystem("file")
     for name, size in (("big.csv.gz", 1000), ("small.csv.gz", 100), ("plain.csv", 3000)):

@@ -1,0 +1,494 @@
+"""prepare's executor code: its two passes, each a Python task that reads and writes files
+itself. Spark schedules them, and reads the inputs Python does not read itself.
+
+**Spill** (one task per input split, or per partition of a frame Spark read): the label rule and
+the text rule set (``features.check_record``) decide each record's reject reason; rejects go to
+``rejects/part-s<task>.parquet``; the other rows get their content hash (``features.content_hashes``)
+and are written to ``_spill/part-<task>.arrow``, one Arrow IPC record batch per row group they
+fall in. A row's group is a function of its content and the seed alone (``content_keys``).
+
+**Write** (one task per share of the row groups): a group's batches from every spill file are all
+the copies of its texts, so duplicates are decided there: same content, different labels ->
+every copy ``conflicting_labels``; exact copies -> the first by (file, row number) kept, the rest
+``duplicate`` (both per origin: the test file keeps all its rows). The kept rows get their split
+(content and seed), are ordered by a seeded hash of their content, featurized and written as
+``<split>/part-<group>.parquet``; that task's duplicates and conflicts go to
+``rejects/part-w<task>.parquet``.
+
+This is the data path's one shuffle, done in Python: a row crosses into the JVM never, and is
+written and read once more, memory-mapped, in the layout the writer needs. (Spark's own shuffle,
+sort and window on whole rows, with the Arrow transfers to and from it, cost prepare ~20 CPU-us a
+row: bench/README.md.) Every output depends on the rows alone, so shards are byte-identical on
+any cluster and on a retried task.
+
+Driver code: ``prepare.py``. What travels to tasks: a ``PrepareTask`` and plain values.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from dl_pipeline import dataset, fsutil
+from dl_pipeline.testhooks import wait_to_be_killed
+
+RAW_LIMIT = 4096  # characters of the raw record kept in rejects/
+SPILL_DIR = "_spill"
+ORIGINS = ("train", "test")
+# Rows of a task's report: ("spill", file, group, batch index, rows) for each batch spilled,
+# ("file", split, group, file name, rows) for each shard file, ("count", status, reason, split,
+# label, rows) for what the driver sums into the manifest's counts.
+REPORT_FIELDS = ("kind", "split", "grp", "file", "batch", "status", "reason", "label", "n")
+REPORT_DDL = ("kind string, split string, grp int, file string, batch int, status string, reason string, "
+              "label int, n long")
+
+
+@dataclass(frozen=True)
+class PrepareTask:
+    """What every spill and write task gets: the rules' settings and where to write."""
+
+    root: str  # URL of this run's directory: <root>/{train,val,test,rejects,_spill}
+    spec: dict  # the featurizer spec (features.text_spec / image_spec)
+    groups: int  # row groups a split may have (prepare.choose_row_groups)
+    seed: int
+    val_fraction: float
+    test_cut: float  # shard.test_fraction, or 0 when a test file is given
+    num_classes: int
+    label_base: int
+    class_names: tuple[str, ...] | None  # image folders: the sorted class names labels index
+    num_fields: int
+    separator: str
+    max_chars: int
+    reject_invalid_utf8: bool
+    inject_failure: bool = False  # test hook: every write task's first attempt dies after its first group
+    pause_dir: str = ""  # test hook: write task 0's first attempt waits there to be killed
+
+    def __post_init__(self) -> None:
+        if self.groups < 1 or self.num_classes < 1:
+            raise ValueError(f"PrepareTask: groups and num_classes must be >= 1, got {self.groups}, {self.num_classes}")
+        if not (0 <= self.test_cut and 0 <= self.val_fraction and self.test_cut + self.val_fraction < 1):
+            raise ValueError(f"PrepareTask: need 0 <= test_cut, val_fraction and a sum < 1, got {self.test_cut}, {self.val_fraction}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules that follow the content hash
+# ---------------------------------------------------------------------------------------------
+
+_U64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_GROUP, _ORDER, _SPLIT = 1, 2, 3  # one salt each, so a row's group, place and split are independent
+
+
+def _mix(h: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    """uint64 [n] -> uint64 [n]: h xor a salt made from the seed, through MurmurHash3's finalizer."""
+    from dl_pipeline.text_kernel import FMIX1, FMIX2
+
+    x = h ^ np.uint64((seed * _GOLDEN + salt * 0xD6E8FEB86659FD93) & _U64)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(FMIX1)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(FMIX2)
+    return x ^ (x >> np.uint64(33))
+
+
+def row_groups_of(h: np.ndarray, seed: int, groups: int) -> np.ndarray:
+    """Content hashes uint64 [n] -> row group int64 [n] in 0..groups-1 (near-equal groups)."""
+    return ((_mix(h, seed, _GROUP) >> np.uint64(32)) * np.uint64(groups) >> np.uint64(32)).astype(np.int64)
+
+
+def order_keys(h: np.ndarray, seed: int) -> np.ndarray:
+    """Content hashes -> uint64 [n]: the rows' order inside a row group (random, reproducible)."""
+    return _mix(h, seed, _ORDER)
+
+
+def split_codes(h: np.ndarray, from_test_file: np.ndarray, task: PrepareTask) -> np.ndarray:
+    """Content hashes, and whether each row came from the test file -> index into
+    ``dataset.SPLITS`` per row: a function of content and seed, so stable when rows are added."""
+    u = (_mix(h, task.seed, _SPLIT) >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # uniform [0, 1)
+    names = list(dataset.SPLITS)
+    code = np.where(u < task.test_cut, names.index("test"),
+                    np.where(u < task.test_cut + task.val_fraction, names.index("val"), names.index("train")))
+    return np.where(from_test_file, names.index("test"), code)
+
+
+def row_ids(h: np.ndarray):
+    """Content hashes -> the shards' ``row_id``: 16 lower-case hex digits each (Arrow strings
+    made from one buffer, no Python object per row)."""
+    import pyarrow as pa
+
+    text = h.astype(">u8").tobytes().hex().encode("ascii")
+    offsets = np.arange(0, 16 * (len(h) + 1), 16, dtype=np.int32)
+    return pa.StringArray.from_buffers(len(h), pa.py_buffer(offsets.tobytes()), pa.py_buffer(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+# ---------------------------------------------------------------------------------------------
+
+_INTEGER = re.compile(r"[+-]?[0-9]{1,9}")
+
+
+def label_of(raw: str | None, task: PrepareTask) -> tuple[int | None, str | None]:
+    """A raw label -> (0-based label, None) or (None, reject reason). Spaces around it are
+    ignored. Integers base..base+K-1, or (image folders) one of the class names."""
+    value = None if raw is None else raw.strip(" ")
+    if task.class_names is not None:
+        if value in task.class_names:
+            return task.class_names.index(value), None
+        return None, "label_unknown"
+    if value is None or not _INTEGER.fullmatch(value):
+        return None, "label_not_integer"
+    label = int(value) - task.label_base
+    if not 0 <= label < task.num_classes:
+        return None, "label_out_of_range"
+    return label, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: spill
+# ---------------------------------------------------------------------------------------------
+
+
+def spill_schema(spec: dict[str, Any]):
+    """The spill files' columns: the content hash, the row's label and origin, what rejects and
+    de-duplication need (file, row number, raw record), and the value to featurize."""
+    import pyarrow as pa
+
+    value = pa.string() if spec["kind"] == "text" else pa.binary()
+    return pa.schema([("h", pa.uint64()), ("label", pa.int32()), ("origin", pa.string()), ("source_file", pa.string()),
+                      ("row_number", pa.int64()), ("raw", pa.string()), ("value", value)])
+
+
+def rejects_schema():
+    import pyarrow as pa
+
+    return pa.schema([("origin", pa.string()), ("source_file", pa.string()), ("row_number", pa.int64()),
+                      ("raw", pa.string()), ("reason", pa.string())])
+
+
+class Spill:
+    """One spill task: ``add`` records batch by batch, then ``finish`` -> its report rows.
+
+    Rejects are written as they come; kept rows are held (Arrow, ~0.5 KB a text row: a task's
+    split is at most 64 MB of input) and written at the end, sorted by row group. Both files
+    appear only when whole (``dataset.parquet_file``, ``_write_atomic``): a retried task writes
+    the same names with the same bytes."""
+
+    def __init__(self, task: PrepareTask, index: int):
+        dataset.use_mimalloc()
+        self.task, self.index = task, index
+        self.kept: list[Any] = []
+        self.counts: collections.Counter = collections.Counter()
+        self.files = contextlib.ExitStack()
+        self.rejects = None
+
+    def add(self, origin: Sequence[str], source_file: Sequence[str], row_number: Any, label_raw: Sequence[str | None],
+            reason: Sequence[str | None], value: Any, value_reason: Sequence[str | None], raw: Sequence[str | None]) -> None:
+        """A batch of n records, as columns: where it came from (``row_number`` int64 [n], null
+        allowed), its raw label, why it failed to parse (or None), its value (cleaned text or
+        pixel bytes; a list or an Arrow array), why its value is rejected (``check_record``'s
+        reason, or None) and the raw record (for rejects). Reasons take precedence in that order:
+        parsing, label, value."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        labels, reasons, seen = [], [], {}
+        for lab, why, value_why in zip(label_raw, reason, value_reason, strict=True):
+            decided = seen.get(lab)
+            if decided is None:
+                decided = seen[lab] = label_of(lab, self.task)
+            if why is None:
+                why = decided[1]
+            labels.append(decided[0] if why is None else None)
+            reasons.append(why if why is not None else value_why)
+        value_type = spill_schema(self.task.spec).field("value").type
+        rows = pa.table({
+            "label": pa.array(labels, pa.int32()), "origin": _column(origin, len(labels)),
+            "source_file": _column(source_file, len(labels)), "row_number": pa.array(row_number, pa.int64()),
+            "raw": pa.array(raw, pa.string()), "reason": pa.array(reasons, pa.string()),
+            "value": value if isinstance(value, pa.Array) else pa.array(value, value_type),
+        })
+        if rows.column("reason").null_count != rows.num_rows:
+            bad = rows.filter(pc.is_valid(rows.column("reason")))
+            self._reject(bad)
+            rows = rows.filter(pc.is_null(rows.column("reason")))
+        if rows.num_rows:
+            h = self._hashes(rows.column("value"))
+            self.kept.append(rows.drop(["reason"]).append_column("h", pa.array(h, pa.uint64())))
+
+    def _hashes(self, values) -> np.ndarray:
+        from dl_pipeline.features import content_hashes
+
+        return content_hashes(values.combine_chunks())
+
+    def _reject(self, bad) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        for (reason, label), n in _tally(bad.column("reason").to_pylist(), bad.column("label").to_pylist()).items():
+            self.counts[("rejected", reason, None, label)] += n
+        if self.rejects is None:
+            url = fsutil.join(self.task.root, "rejects", f"part-s{self.index:05d}.parquet")
+            self.rejects = self.files.enter_context(dataset.parquet_file(url, rejects_schema(), compression="snappy"))
+        raw = pc.utf8_slice_codeunits(bad.column("raw"), 0, RAW_LIMIT)
+        self.rejects.write_table(pa.table({"origin": bad.column("origin"), "source_file": bad.column("source_file"),
+                                           "row_number": bad.column("row_number"), "raw": raw, "reason": bad.column("reason")},
+                                          schema=rejects_schema()))
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Write the kept rows, publish the rejects file -> this task's report rows."""
+        import pyarrow as pa
+
+        self.files.close()
+        report = _count_rows(self.counts)
+        if not self.kept:
+            return report
+        rows = pa.concat_tables(self.kept).select(spill_schema(self.task.spec).names).cast(spill_schema(self.task.spec))
+        group = row_groups_of(rows.column("h").to_numpy(), self.task.seed, self.task.groups)
+        order = np.argsort(group, kind="stable")
+        rows, group = rows.take(pa.array(order)), group[order]
+        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        name = f"part-{self.index:05d}.arrow"
+        with _write_atomic(fsutil.join(self.task.root, SPILL_DIR, name)) as sink, \
+                pa.ipc.new_file(sink, rows.schema) as writer:
+            for batch, (lo, hi) in enumerate(zip(starts, [*starts[1:], len(group)], strict=True)):
+                writer.write_batch(rows.slice(lo, hi - lo).combine_chunks().to_batches()[0])
+                report.append({"kind": "spill", "file": name, "grp": int(group[lo]), "batch": batch, "n": int(hi - lo)})
+        return report
+
+
+def _column(values: str | Any, n: int):
+    """A string column: ``values`` as given, or one string repeated n times."""
+    import pyarrow as pa
+
+    if isinstance(values, str):
+        return pa.repeat(pa.scalar(values, pa.string()), n)
+    return values.cast(pa.string()) if isinstance(values, pa.Array) else pa.array(values, pa.string())
+
+
+def _tally(*columns: Iterable) -> collections.Counter:
+    return collections.Counter(zip(*columns, strict=True))
+
+
+@contextlib.contextmanager
+def _write_atomic(url: str):
+    """A binary file at ``url`` that appears, whole, only when the block ends without error."""
+    fs, path = fsutil.fs_and_path(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = dataset.temp_name(path)
+    with fs.open(tmp, "wb") as fh:
+        yield fh
+    fs.mv(tmp, path)
+
+
+def spill_lines(split, first_number: int, origin: str, index: int, task: PrepareTask) -> list[dict[str, Any]]:
+    """Spill task over a ``line_splits.LineSplit`` of a line-mode Zhang CSV (its lines read by
+    this task) -> report rows. ``first_number``: the split's first physical line number."""
+    from dl_pipeline.line_splits import read_lines
+    from dl_pipeline.sources import CONTINUATION, LineRecords
+
+    spill = Spill(task, index)
+    records = LineRecords(task.num_fields, task.separator, task.max_chars, task.reject_invalid_utf8)
+    numbers: list[np.ndarray] = []
+    lines: list[str] = []
+
+    def add(results: list[tuple]) -> None:
+        # Results answer the lines fed, in order, possibly lagging: the first len(results) waiting.
+        nonlocal lines
+        if not results:
+            return
+        n = len(results)
+        waiting = np.concatenate(numbers) if len(numbers) > 1 else numbers[0]
+        numbers[:] = [waiting[n:]]
+        mine, lines = lines[:n], lines[n:]
+        keep = [i for i, r in enumerate(results) if r[2] != CONTINUATION]
+        if len(keep) < n:
+            results, mine, nums = [results[i] for i in keep], [mine[i] for i in keep], waiting[:n][keep]
+        else:
+            nums = waiting[:n]
+        label, _, reason, text, text_reason, record = zip(*results, strict=True)
+        raw = [line if rec is None else rec for line, rec in zip(mine, record, strict=True)]
+        spill.add(origin, split.url, nums, label, reason, text, text_reason, raw)
+
+    for piece_numbers, piece_lines in read_lines(split, first_number):
+        numbers.append(piece_numbers)
+        lines += piece_lines
+        add(records.feed([split.url] * len(piece_lines), piece_lines))
+    add(records.finish())
+    return spill.finish()
+
+
+def spill_frame(task: PrepareTask):
+    """The function ``mapInArrow`` runs over a raw frame Spark read (``sources.read_raw``'s
+    columns) -> report batches (``REPORT_DDL``)."""
+
+    def run(batches):
+        from pyspark import TaskContext
+
+        from dl_pipeline.features import check_record
+
+        spill = Spill(task, TaskContext.get().partitionId())
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            col = {name: batch.column(name) for name in batch.schema.names}
+            n = batch.num_rows
+            if task.spec["kind"] != "text":
+                value, value_reason = col["content"], [None] * n
+            elif "text_reason" in col:  # checked and cleaned while parsing (line-mode CSV)
+                value, value_reason = col["text"], col["text_reason"].to_pylist()
+            else:  # fields split by Spark's reader: the same rule set
+                checked = [check_record(p, task.separator, task.max_chars, task.reject_invalid_utf8)
+                           for p in col["parts"].to_pylist()]
+                value_reason, value = (list(c) for c in zip(*checked, strict=True))
+            spill.add(col["origin"], col["source_file"], col["row_number"], col["label_raw"].to_pylist(),
+                      col["reason"].to_pylist(), value, value_reason, col["raw"])
+        rows = spill.finish()
+        yield _report_batch(rows)
+
+    return run
+
+
+def _report_batch(rows: list[dict[str, Any]]):
+    import pyarrow as pa
+
+    schema = pa.schema([("kind", pa.string()), ("split", pa.string()), ("grp", pa.int32()), ("file", pa.string()),
+                        ("batch", pa.int32()), ("status", pa.string()), ("reason", pa.string()), ("label", pa.int32()),
+                        ("n", pa.int64())])
+    return pa.RecordBatch.from_pylist(rows, schema=schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: de-duplicate, split, order, featurize, write
+# ---------------------------------------------------------------------------------------------
+
+OK, DUPLICATE, CONFLICT = 0, 1, 2
+
+
+def decide(rows) -> np.ndarray:
+    """A row group's spilled rows (all copies of their contents) -> status int8 [n]: OK,
+    DUPLICATE or CONFLICT. Copies are rows with equal content hash and origin."""
+    h = rows.column("h").to_numpy()
+    test = _from_test_file(rows)
+    status = np.zeros(len(h), np.int8)
+    order = np.lexsort((test, h))
+    hs, ts = h[order], test[order]
+    same = (hs[1:] == hs[:-1]) & (ts[1:] == ts[:-1])
+    if not same.any():
+        return status
+    labels = rows.column("label").to_numpy()
+    starts = np.flatnonzero(np.r_[True, ~same])
+    ends = np.r_[starts[1:], len(h)]
+    for lo, hi in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
+        copies = order[lo:hi]
+        if labels[copies].min() != labels[copies].max():
+            status[copies] = CONFLICT
+            continue
+        status[copies] = DUPLICATE
+        status[min(copies, key=lambda i: _first_key(rows, int(i)))] = OK
+    return status
+
+
+def _first_key(rows, i: int) -> tuple:
+    """Which copy is kept: the first by file, then row number (none last), then raw record."""
+    number = rows.column("row_number")[i].as_py()
+    return rows.column("source_file")[i].as_py() or "", number is None, number or 0, rows.column("raw")[i].as_py() or ""
+
+
+def _from_test_file(rows) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.equal(rows.column("origin"), "test").to_numpy(zero_copy_only=False)
+
+
+class _SpillFiles:
+    """The spill files a write task reads, each opened once (memory-mapped where local)."""
+
+    def __init__(self, root: str):
+        self.root, self.open = root, {}
+
+    def batch(self, name: str, index: int):
+        import pyarrow as pa
+
+        if name not in self.open:
+            url = fsutil.join(self.root, SPILL_DIR, name)
+            local = fsutil.local_path(url)
+            if local:
+                source = pa.memory_map(local)
+            else:
+                fs, path = fsutil.fs_and_path(url)
+                source = fs.open(path, "rb")
+            self.open[name] = pa.ipc.open_file(source)
+        return self.open[name].get_batch(index)
+
+
+def write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[str, int]]],
+                 task: PrepareTask) -> list[dict[str, Any]]:
+    """Write task ``index``: for each of ``groups`` (ascending), its batches ``sources[group]``
+    ((spill file, batch index) each) -> shard files and rejects; -> report rows."""
+    import pyarrow as pa
+    from pyspark import TaskContext
+
+    from dl_pipeline.features import encoded_features
+
+    dataset.use_mimalloc()
+    context = TaskContext.get()
+    first_attempt = context is None or context.attemptNumber() == 0
+    spills = _SpillFiles(task.root)
+    schema = dataset.arrow_schema(task.spec)
+    report: list[dict[str, Any]] = []
+    counts: collections.Counter = collections.Counter()
+    with contextlib.ExitStack() as files:  # on an exception the rejects file is not published
+        rejects = None
+        for done, group in enumerate(groups):
+            if done and first_attempt and task.inject_failure:
+                raise RuntimeError("injected prepare failure")
+            if done and first_attempt and task.pause_dir and index == 0:
+                wait_to_be_killed(task.pause_dir)
+            rows = pa.Table.from_batches([spills.batch(name, b) for name, b in sources[group]])
+            status = decide(rows)
+            h, labels = rows.column("h").to_numpy(), rows.column("label").to_numpy()
+            split = split_codes(h, _from_test_file(rows), task)
+            for s, name in enumerate(dataset.SPLITS):
+                take = np.flatnonzero((status == OK) & (split == s))
+                if not len(take):
+                    continue
+                take = take[np.lexsort((_from_test_file(rows)[take], order_keys(h[take], task.seed)))]
+                picked = rows.take(pa.array(take))
+                table = pa.table({"row_id": row_ids(h[take]), "label": picked.column("label"),
+                                  **encoded_features(picked.column("value").combine_chunks(), task.spec)}, schema=schema)
+                file = f"part-{group:05d}.parquet"
+                dataset.write_row_group(fsutil.join(task.root, name, file), table)
+                report.append({"kind": "file", "split": name, "grp": group, "file": file, "n": table.num_rows})
+                for label, n in zip(*np.unique(labels[take], return_counts=True), strict=True):
+                    counts[("ok", None, name, int(label))] += int(n)
+            bad = np.flatnonzero(status != OK)
+            if len(bad):
+                if rejects is None:
+                    url = fsutil.join(task.root, "rejects", f"part-w{index:05d}.parquet")
+                    rejects = files.enter_context(dataset.parquet_file(url, rejects_schema(), compression="snappy"))
+                rejects.write_table(_rejected(rows.take(pa.array(bad)), status[bad]))
+                for st, label in zip(status[bad], labels[bad], strict=True):
+                    key = ("duplicate", "duplicate") if st == DUPLICATE else ("rejected", "conflicting_labels")
+                    counts[(*key, None, int(label))] += 1
+    return report + _count_rows(counts)
+
+
+def _count_rows(counts: collections.Counter) -> list[dict[str, Any]]:
+    """{(status, reason, split, label): rows} -> report rows."""
+    return [{"kind": "count", "status": s, "reason": r, "split": p, "label": lab, "n": n} for (s, r, p, lab), n in counts.items()]
+
+
+def _rejected(rows, status: np.ndarray):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    reason = pa.array(np.where(status == DUPLICATE, "duplicate", "conflicting_labels").tolist(), pa.string())
+    return pa.table({"origin": rows.column("origin"), "source_file": rows.column("source_file"),
+                     "row_number": rows.column("row_number"), "raw": pc.utf8_slice_codeunits(rows.column("raw"), 0, RAW_LIMIT),
+                     "reason": reason}, schema=rejects_schema())
