@@ -368,6 +368,11 @@ def _report_batch(rows: list[dict[str, Any]]):
 # ---------------------------------------------------------------------------------------------
 
 OK, DUPLICATE, CONFLICT = 0, 1, 2
+# A shard file (one row group) is built from tables of this many rows: Parquet's writer sizes its
+# buffers (a definition and a repetition level per list value) by the chunk, so ~30k-row chunks
+# took fresh pages from the OS every file (2.6 page faults a row): 19.6 CPU-us/row to featurize
+# and write, against 16.0 in 4,096-row chunks (64k AG News rows, mimalloc).
+WRITE_CHUNK_ROWS = 4096
 
 
 def decide(rows) -> np.ndarray:
@@ -407,7 +412,9 @@ def _from_test_file(rows) -> np.ndarray:
 
 
 class _SpillFiles:
-    """The spill files a write task reads, each opened once (memory-mapped where local)."""
+    """The spill files a write task reads, each opened once. Read, not memory-mapped: a mapped
+    file's pages count in the task's resident memory as it reads on (3.8 GB at 10M rows), and
+    the copy costs ~0.5 us/row less than it saves in page faults."""
 
     def __init__(self, root: str):
         self.root, self.open = root, {}
@@ -419,7 +426,7 @@ class _SpillFiles:
             url = fsutil.join(self.root, SPILL_DIR, name)
             local = fsutil.local_path(url)
             if local:
-                source = pa.memory_map(local)
+                source = pa.OSFile(local)
             else:
                 fs, path = fsutil.fs_and_path(url)
                 source = fs.open(path, "rb")
@@ -433,8 +440,6 @@ def write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[st
     ((spill file, batch index) each) -> shard files and rejects; -> report rows."""
     import pyarrow as pa
     from pyspark import TaskContext
-
-    from dl_pipeline.features import encoded_features
 
     dataset.use_mimalloc()
     context = TaskContext.get()
@@ -459,9 +464,8 @@ def write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[st
                 if not len(take):
                     continue
                 take = take[np.lexsort((_from_test_file(rows)[take], order_keys(h[take], task.seed)))]
-                picked = rows.take(pa.array(take))
-                table = pa.table({"row_id": row_ids(h[take]), "label": picked.column("label"),
-                                  **encoded_features(picked.column("value").combine_chunks(), task.spec)}, schema=schema)
+                table = pa.concat_tables(_featurized(rows, h, take[lo : lo + WRITE_CHUNK_ROWS], task.spec, schema)
+                                         for lo in range(0, len(take), WRITE_CHUNK_ROWS))
                 file = f"part-{group:05d}.parquet"
                 dataset.write_row_group(fsutil.join(task.root, name, file), table)
                 report.append({"kind": "file", "split": name, "grp": group, "file": file, "n": table.num_rows})
@@ -477,6 +481,17 @@ def write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[st
                     key = ("duplicate", "duplicate") if st == DUPLICATE else ("rejected", "conflicting_labels")
                     counts[(*key, None, int(label))] += 1
     return report + _count_rows(counts)
+
+
+def _featurized(rows, h: np.ndarray, take: np.ndarray, spec: dict[str, Any], schema):
+    """Rows ``take`` of a group's spilled rows -> a table of the dataset's ``schema``."""
+    import pyarrow as pa
+
+    from dl_pipeline.features import encoded_features
+
+    picked = rows.take(pa.array(take))
+    return pa.table({"row_id": row_ids(h[take]), "label": picked.column("label"),
+                     **encoded_features(picked.column("value").combine_chunks(), spec)}, schema=schema)
 
 
 def _count_rows(counts: collections.Counter) -> list[dict[str, Any]]:

@@ -319,6 +319,31 @@ def test_user_errors_are_one_line(spark, tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
     with pytest.raises(UserError, match=r"prepare.output_path=nosuchfs://b/x: Python cannot write there \(Protocol not known"):
         prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", "data.num_classes=4", "prepare.output_path=nosuchfs://b/x"]))
+    with pytest.raises(UserError, match=r"^prepare.io=python: it reads line-mode Zhang CSV only .*; set prepare.io=auto$"):
+        prepare_dataset(spark, _config(tmp_path, f"data.train_path={AG_TRAIN}", "data.multiline=true", "prepare.io=python"))
+
+
+def test_own_reads_and_sparks_reader_give_the_same_shards_and_rejects(spark, bad_run, tmp_path):
+    """prepare.io: the spill tasks that read their byte ranges and the ones fed by Spark's text
+    reader apply the same rules, so the bad lines plus the AG sample (train and test files, a
+    split cut into several byte ranges) give byte-identical shards and the same rejects."""
+    bad_csv = bad_run[0] / "bad.csv"
+    data = tmp_path / "in"
+    data.mkdir()
+    (data / "ag.csv").write_bytes(gzip.open(AG_TRAIN).read() + bad_csv.read_bytes())
+    outs = {}
+    for io in ("python", "spark"):
+        cfg = _config(tmp_path / io, f"data.train_path={data}", f"data.test_path={AG_TEST}", f"prepare.io={io}",
+                      "shard.row_groups_per_worker=3")
+        outs[io] = prepare_dataset(spark, cfg), tmp_path / io / "out"
+    (py, py_out), (sp, sp_out) = outs["python"], outs["spark"]
+    assert py["counts"] == sp["counts"] and py["counts"]["duplicate_rows"] > 0 and py["counts"]["rejected_rows"] >= 14
+    assert shard_digests(py_out) == shard_digests(sp_out) and len(shard_digests(py_out)) >= 4
+
+    def rejects(out):
+        return sorted(pq.read_table(os.path.join(published(out), "rejects")).to_pylist(), key=lambda r: (r["origin"], r["row_number"]))
+
+    assert rejects(py_out) == rejects(sp_out)
 
 
 @pytest.mark.parametrize("fmt", ["json", "parquet", "csv"])
