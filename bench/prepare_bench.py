@@ -17,6 +17,7 @@ cost per row at 10M within 1.1x of 1M; driver and executor peak memory flat in t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -42,7 +43,8 @@ def single_process(path: str, out: str, cfg) -> tuple[float, float]:
     """The same parse -> reject -> clean -> dedupe -> featurize -> Parquet, in one process:
     (wall seconds, CPU seconds)."""
     spec = text_spec(cfg.features, cfg.data)
-    use_mimalloc()  # the Spark job's tasks write with it too
+    use_mimalloc()  # the Spark job's tasks write with it too,
+    gc.disable()  # and run without the cyclic collector (prepare_tasks.without_gc)
     t0, c0 = time.perf_counter(), time.process_time()
     texts, labels, seen = [], [], set()
     with open(path, encoding="utf-8") as fh:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -286,9 +287,30 @@ def _write_atomic(url: str):
     fs.mv(tmp, path)
 
 
+@contextlib.contextmanager
+def without_gc():
+    """Python's cyclic garbage collector off for a task's length. Parsing holds ~130k container
+    objects per 16 MB chunk (result tuples, field lists) and the collector walked them over and
+    over: a spill task took 14.7 CPU-us/row with it and 10.3 without (100k AG News rows, best
+    of 5). Tasks make no reference cycles of their own, and the worker collects after each task
+    (pyworker)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def spill_lines(split, first_number: int, origin: str, index: int, task: PrepareTask) -> list[dict[str, Any]]:
     """Spill task over a ``line_splits.LineSplit`` of a line-mode Zhang CSV (its lines read by
     this task) -> report rows. ``first_number``: the split's first physical line number."""
+    with without_gc():
+        return _spill_lines(split, first_number, origin, index, task)
+
+
+def _spill_lines(split, first_number: int, origin: str, index: int, task: PrepareTask) -> list[dict[str, Any]]:
     from dl_pipeline.line_splits import read_lines
     from dl_pipeline.sources import CONTINUATION, LineRecords
 
@@ -330,9 +352,13 @@ def spill_frame(task: PrepareTask):
     def run(batches):
         from pyspark import TaskContext
 
+        with without_gc():
+            report = _spill_batches(batches, Spill(task, TaskContext.get().partitionId()))
+        yield _report_batch(report)
+
+    def _spill_batches(batches, spill: Spill) -> list[dict[str, Any]]:
         from dl_pipeline.features import check_record
 
-        spill = Spill(task, TaskContext.get().partitionId())
         for batch in batches:
             if not batch.num_rows:
                 continue
@@ -348,8 +374,7 @@ def spill_frame(task: PrepareTask):
                 value_reason, value = (list(c) for c in zip(*checked, strict=True))
             spill.add(col["origin"], col["source_file"], col["row_number"], col["label_raw"].to_pylist(),
                       col["reason"].to_pylist(), value, value_reason, col["raw"])
-        rows = spill.finish()
-        yield _report_batch(rows)
+        return spill.finish()
 
     return run
 
@@ -438,6 +463,12 @@ def write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[st
                  task: PrepareTask) -> list[dict[str, Any]]:
     """Write task ``index``: for each of ``groups`` (ascending), its batches ``sources[group]``
     ((spill file, batch index) each) -> shard files and rejects; -> report rows."""
+    with without_gc():
+        return _write_groups(index, groups, sources, task)
+
+
+def _write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[str, int]]],
+                  task: PrepareTask) -> list[dict[str, Any]]:
     import pyarrow as pa
     from pyspark import TaskContext
 
