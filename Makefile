@@ -34,7 +34,6 @@ bench: setup
 	$(PY) bench/accuracy_bench.py
 	$(PY) bench/featurize_bench.py
 	$(PY) bench/prepare_bench.py
-	$(PY) bench/dedup_keys_bench.py
 	$(PY) bench/train_bench.py
 	$(PY) bench/score_bench.py
 

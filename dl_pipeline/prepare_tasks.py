@@ -486,7 +486,8 @@ def _write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[s
                 raise RuntimeError("injected prepare failure")
             if done and first_attempt and task.pause_dir and index == 0:
                 wait_to_be_killed(task.pause_dir)
-            rows = pa.Table.from_batches([spills.batch(name, b) for name, b in sources[group]])
+            # One array per column: take() on a chunked column concatenates its chunks every call.
+            rows = pa.Table.from_batches([spills.batch(name, b) for name, b in sources[group]]).combine_chunks()
             status = decide(rows)
             h, labels = rows.column("h").to_numpy(), rows.column("label").to_numpy()
             split = split_codes(h, _from_test_file(rows), task)
