@@ -1,5 +1,6 @@
 """Benchmark prepare: rows/s at 1M and 10M rows on local[2], vs a single process doing the
-same work (parse, reject, clean, dedupe, featurize, write Parquet) with pyarrow.
+same work (parse, reject, clean, dedupe, featurize, write Parquet) with pyarrow, under the
+job's allocator and GC settings (Arrow's mimalloc pool, no cyclic GC).
 
 Corpora are AG News train rows resampled with a fixed seed (bench/common.py). Prints JSON:
 rows/s and CPU seconds (JVM, its JIT compiler, Python workers) per size; the largest/smallest

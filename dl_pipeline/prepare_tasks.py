@@ -188,6 +188,12 @@ class Spill:
         self.files = contextlib.ExitStack()
         self.rejects = None
 
+    def __enter__(self) -> Spill:
+        return self
+
+    def __exit__(self, *failed) -> None:
+        self.files.__exit__(*failed)  # after an error the rejects file is not published
+
     def add(self, origin: Sequence[str], source_file: Sequence[str], row_number: Any, label_raw: Sequence[str | None],
             reason: Sequence[str | None], value: Any, value_reason: Sequence[str | None], raw: Sequence[str | None]) -> None:
         """A batch of n records, as columns: where it came from (``row_number`` int64 [n], null
@@ -306,15 +312,14 @@ def without_gc():
 def spill_lines(split, first_number: int, origin: str, index: int, task: PrepareTask) -> list[dict[str, Any]]:
     """Spill task over a ``line_splits.LineSplit`` of a line-mode Zhang CSV (its lines read by
     this task) -> report rows. ``first_number``: the split's first physical line number."""
-    with without_gc():
-        return _spill_lines(split, first_number, origin, index, task)
+    with without_gc(), Spill(task, index) as spill:
+        return _spill_lines_into(spill, split, first_number, origin, task)
 
 
-def _spill_lines(split, first_number: int, origin: str, index: int, task: PrepareTask) -> list[dict[str, Any]]:
+def _spill_lines_into(spill: Spill, split, first_number: int, origin: str, task: PrepareTask) -> list[dict[str, Any]]:
     from dl_pipeline.line_splits import read_lines
     from dl_pipeline.sources import CONTINUATION, LineRecords
 
-    spill = Spill(task, index)
     records = LineRecords(task.num_fields, task.separator, task.max_chars, task.reject_invalid_utf8)
     numbers: list[np.ndarray] = []
     lines: list[str] = []
@@ -352,8 +357,8 @@ def spill_frame(task: PrepareTask):
     def run(batches):
         from pyspark import TaskContext
 
-        with without_gc():
-            report = _spill_batches(batches, Spill(task, TaskContext.get().partitionId()))
+        with without_gc(), Spill(task, TaskContext.get().partitionId()) as spill:
+            report = _spill_batches(batches, spill)
         yield _report_batch(report)
 
     def _spill_batches(batches, spill: Spill) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ Raw frame columns (all sources)::
     text, text_reason    line-mode Zhang CSV only (its ``parts`` is null): the cleaned text
                          and the text's reject reason (invalid_utf8, text_too_long), computed
                          in the same Arrow pass as parsing; other sources leave the checks and
-                         the cleaning to prepare.clean_content
+                         the cleaning to prepare's spill tasks (prepare_tasks.spill_frame)
 """
 
 from __future__ import annotations

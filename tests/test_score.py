@@ -70,12 +70,14 @@ def test_predictions_equal_in_process_predictions(scored):
 
 def test_every_stored_row_has_the_features_score_computes_from_its_raw_line(spark, ag_prepared):
     """Train/serve parity, row by row: each row prepare stored, in every split (keyed by its
-    row_id, the hash of its cleaned text), holds exactly the chars, tokens, length and words
+    row_id, the content hash of its cleaned text), holds exactly the chars, tokens, length and words
     that score's own text path (``scoring.text_batch``: parse, check, clean, featurize) computes from
     the raw CSV line it came from."""
     import pandas as pd
-    from pyspark.sql import functions as F
+    import pyarrow as pa
 
+    from dl_pipeline.features import content_hashes
+    from dl_pipeline.prepare_tasks import row_ids
     from dl_pipeline.scoring import text_batch
     from dl_pipeline.sources import parse_and_clean_lines
 
@@ -88,8 +90,7 @@ def test_every_stored_row_has_the_features_score_computes_from_its_raw_line(spar
     _, reasons, feats = text_batch(pd.DataFrame({"raw": lines}), spec, cfg.data.max_text_chars, cfg.data.title_separator, 3)
     parsed = parse_and_clean_lines(lines, 3, cfg.data.title_separator, cfg.data.max_text_chars, reject_invalid_utf8=False)
     texts = [p[3] for p, r in zip(parsed, reasons, strict=True) if r is None]
-    ids = [r[0] for r in spark.createDataFrame([(t,) for t in texts], "text string")
-           .select(F.lower(F.hex(F.xxhash64("text")))).collect()]
+    ids = row_ids(content_hashes(pa.array(texts, pa.string()))).to_pylist()
     names = ("chars", "tokens", "length", "words")
     computed = {row_id: tuple(feats[n][i].tobytes() for n in names) for i, row_id in enumerate(ids)}
     checked = 0
