@@ -53,14 +53,15 @@ class LineSplit:
                              f"{self.end}, {self.chunk_bytes}")
 
 
-def plan(sizes: dict[str, int], min_splits: int, max_split_bytes: int) -> list[LineSplit]:
+def plan(sizes: dict[str, int], min_splits: int, max_split_bytes: int, min_split_bytes: int = 1) -> list[LineSplit]:
     """Files (url -> size in bytes) -> splits in file order, then byte order: at least
     ``min_splits`` in all where the bytes allow (so every core gets a task), none over
-    ``max_split_bytes``. Empty files get no split (they have no lines); a gzip file gets one,
-    whole, whatever its size. (Driver code: module settings read here travel in the splits.)"""
+    ``max_split_bytes`` and none cut smaller than ``min_split_bytes``. Empty files get no split
+    (they have no lines); a gzip file gets one, whole, whatever its size. (Driver code: module
+    settings read here travel in the splits.)"""
     gzip_files = sum(1 for url, size in sizes.items() if size and is_gzip(url))
     cut = sum(size for url, size in sizes.items() if not is_gzip(url))  # the bytes ranges are cut from
-    step = max(1, min(max_split_bytes, -(-cut // max(1, min_splits - gzip_files))))
+    step = max(1, min_split_bytes, min(max_split_bytes, -(-cut // max(1, min_splits - gzip_files))))
     splits = []
     for url, size in sizes.items():
         if size == 0:

@@ -82,6 +82,7 @@ def choose_row_groups(n_rows: int, spec: dict[str, Any], shard: ShardConfig) -> 
 
 INJECT_FAILURE_CONF = "spark.dl_pipeline.test.inject_prepare_failure"
 PAUSE_CONF = "spark.dl_pipeline.test.pause_dir"  # test hook: see prepare_tasks.write_groups
+FLUSH_CONF = "spark.dl_pipeline.test.spill_flush_bytes"  # test hook: see prepare_tasks.Spill
 
 
 def _drop_attempt_leftovers(spark, url: str) -> None:
@@ -129,8 +130,10 @@ def write_outputs(spark, spilled: list[dict[str, Any]], task: PrepareTask,
     def run(i: int) -> list[dict[str, Any]]:
         return prepare_tasks.write_groups(i, shares[i], {g: sources[g] for g in shares[i]}, task)
 
-    written = run_tasks(spark, tasks, run) if groups else []
-    hadoop_delete(spark, fsutil.join(task.root, prepare_tasks.SPILL_DIR))
+    try:
+        written = run_tasks(spark, tasks, run) if groups else []
+    finally:  # the spill is only read here: gone whether or not the groups were written
+        hadoop_delete(spark, fsutil.join(task.root, prepare_tasks.SPILL_DIR))
     counts = [r for r in spilled + written if r["kind"] == "count"]
     summary = summarize(counts, task.num_classes)
     check_accounting(summary["counts"])
@@ -244,12 +247,18 @@ def _input_files(data: DataConfig) -> list[dict[str, Any]]:
     return out
 
 
+# Byte ranges are no smaller than this (Spark's reader: spark.sql.files.openCostInBytes): a
+# record whose quoted field holds line breaks is read whole only inside one range, so a small
+# file is one range, as Spark reads it, on any number of cores.
+MIN_SPLIT_BYTES = 4 << 20
+
+
 def own_io_splits(data: DataConfig, io: str, cores: int) -> list[tuple[Any, str]] | None:
     """(line split, origin) pairs for spill tasks that read the inputs themselves
     (``prepare.io``: line-mode Zhang CSV on a filesystem Python reads, named as Spark's
     reader would list them), else None: Spark's readers then read them."""
     from dl_pipeline.line_splits import plan
-    from dl_pipeline.score_tasks import MAX_SPLIT_BYTES, gzip_holds_up_the_cores, input_files
+    from dl_pipeline.score_tasks import MAX_SPLIT_BYTES, gzip_holds_up_the_cores, input_files, spark_file_urls
 
     if io == "spark":
         return None
@@ -258,6 +267,7 @@ def own_io_splits(data: DataConfig, io: str, cores: int) -> list[tuple[Any, str]
     if why is None and io == "auto" and not all(fsutil.local_path(p) for _, p in paths):
         return None
     origins: dict[str, str] = {}
+    sizes: dict[str, int] = {}
     for origin, path in paths if why is None else []:
         why = fsutil.filesystem_error(path)
         if why:
@@ -268,7 +278,13 @@ def own_io_splits(data: DataConfig, io: str, cores: int) -> list[tuple[Any, str]
             break
         if not files:
             raise UserError(f"data.{origin}_path={path}: no such file or directory; fix the path (Hadoop URIs like s3a:// work too)")
-        origins.update({fsutil.to_url(f): origin for f in files})
+        for f, url in zip(files, spark_file_urls(path, files), strict=True):
+            if url in origins:  # Spark's reader reads it twice, once for each origin
+                why = f"{url} is in both data.train_path and data.test_path"
+                break
+            origins[url], sizes[url] = origin, fs.size(f)
+        if why:
+            break
     if why is None and io == "auto":
         fs, _ = fsutil.fs_and_path(fsutil.to_url(paths[0][1]))
         if gzip_holds_up_the_cores(fs, [fsutil.fs_and_path(u)[1] for u in origins], cores):
@@ -277,8 +293,7 @@ def own_io_splits(data: DataConfig, io: str, cores: int) -> list[tuple[Any, str]
         if io == "python":
             raise UserError(f"prepare.io=python: {why}; set prepare.io=auto")
         return None
-    sizes = {url: fsutil.fs_and_path(url)[0].size(fsutil.fs_and_path(url)[1]) for url in origins}
-    return [(split, origins[split.url]) for split in plan(sizes, 2 * cores, MAX_SPLIT_BYTES)]
+    return [(split, origins[split.url]) for split in plan(sizes, 2 * cores, MAX_SPLIT_BYTES, MIN_SPLIT_BYTES)]
 
 
 def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
@@ -318,8 +333,13 @@ def _prepare(spark, cfg: Config, out: str) -> dict[str, Any]:
         test_cut=0.0 if data.test_path else cfg.shard.test_fraction, num_classes=k, label_base=data.label_base,
         class_names=class_names, num_fields=data.num_fields, separator=data.title_separator, max_chars=data.max_text_chars,
         reject_invalid_utf8=data.invalid_utf8 == "reject",
-        inject_failure=spark.conf.get(INJECT_FAILURE_CONF, "false") == "true", pause_dir=spark.conf.get(PAUSE_CONF, ""))
-    spilled = spill(spark, data, task, splits, raw)
+        inject_failure=spark.conf.get(INJECT_FAILURE_CONF, "false") == "true", pause_dir=spark.conf.get(PAUSE_CONF, ""),
+        **({"flush_bytes": int(spark.conf.get(FLUSH_CONF))} if spark.conf.get(FLUSH_CONF, "") else {}))
+    try:
+        spilled = spill(spark, data, task, splits, raw)
+    except BaseException:  # what the spill tasks wrote is no use to anyone
+        hadoop_delete(spark, fsutil.join(task.root, prepare_tasks.SPILL_DIR))
+        raise
     timings["spill_s"] = round(time.time() - t, 3)
     summary, split_info = write_outputs(spark, spilled, task, data.train_path)
     timings["read_clean_write_s"] = round(time.time() - t, 3)

@@ -343,9 +343,8 @@ def _check_accounting(rows_in: int, counts: dict[bool, int], date: str) -> None:
 def _own_io_files(cfg: Config, kind: str, in_path: str, cores: int) -> list[str] | None:
     """The input files (URLs as Spark names them) when score's own tasks read and write them
     (``score.io``), else None."""
-    from urllib.parse import urlparse
 
-    from dl_pipeline.score_tasks import gzip_holds_up_the_cores, input_files
+    from dl_pipeline.score_tasks import gzip_holds_up_the_cores, input_files, spark_file_urls
     from dl_pipeline.sources import is_line_mode
 
     s = cfg.score
@@ -371,13 +370,7 @@ def _own_io_files(cfg: Config, kind: str, in_path: str, cores: int) -> list[str]
         raise UserError(f"score.input_path={in_path}: no such file or directory; fix the path or --run-date")
     if s.io == "auto" and gzip_holds_up_the_cores(fs, files, cores):
         return None
-    # The URL Spark's input_file_name() gives: the user's scheme (s3a, dbfs), not fsspec's.
-    scheme = urlparse(in_path).scheme
-    if scheme in ("", "file"):
-        return [fsutil.to_url(f) for f in files]
-    if scheme == "dbfs":
-        return ["dbfs:/" + f.removeprefix("/dbfs/").lstrip("/") for f in files]
-    return [f"{scheme}://{f.lstrip('/')}" for f in files]
+    return spark_file_urls(in_path, files)
 
 
 def _score_with_own_io(spark, cfg: Config, bundle, date: str, files: list[str], out: str):

@@ -101,6 +101,19 @@ def input_files(fs, path: str) -> tuple[list[str], str | None]:
 GZIP_RATIO = 3
 
 
+def spark_file_urls(path: str, files: list[str]) -> list[str]:
+    """``input_files``' files of the user's ``path`` -> their URLs as Spark's ``input_file_name()``
+    gives them: the user's scheme (s3a, dbfs), not fsspec's."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(path).scheme
+    if scheme in ("", "file"):
+        return [fsutil.to_url(f) for f in files]
+    if scheme == "dbfs":
+        return ["dbfs:/" + f.removeprefix("/dbfs/").lstrip("/") for f in files]
+    return [f"{scheme}://{f.lstrip('/')}" for f in files]
+
+
 def gzip_holds_up_the_cores(fs, files: list[str], cores: int) -> bool:
     """Whether one gzip file (one task: it cannot be cut) holds more than twice an even share of
     the input's lines per core. Spark's reader then does better: it reads the file in one task

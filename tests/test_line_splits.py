@@ -158,3 +158,11 @@ def test_score_batches_do_not_depend_on_the_piece_size():
         cuts = sorted(rng.sample(range(1, 1000), rng.randint(1, 40)))
         pieces = [(numbers[a:b], lines[a:b]) for a, b in zip([0, *cuts], [*cuts, 1000], strict=True)]
         assert [(n.tolist(), x) for n, x in _batches(pieces, 64)] == whole
+
+
+def test_a_small_file_is_one_range_on_any_number_of_cores():
+    """With a floor on the range size (prepare's: Spark's 4 MB open cost), a multi-line record in
+    a small file is read whole whatever the cores; past the floor, ranges are cut as before."""
+    assert len(plan({"file:///a.csv": 17_903}, 42, 64 << 20, 4 << 20)) == 1
+    assert len(plan({"file:///a.csv": 17_903}, 42, 64 << 20)) == 42
+    assert [s.end - s.start for s in plan({"file:///a.csv": 10 << 20}, 4, 64 << 20, 4 << 20)] == [4 << 20, 4 << 20, 2 << 20]

@@ -167,6 +167,23 @@ def test_rerun_gives_byte_identical_shards(spark, ag_prepared, tmp_path):
     assert again["counts"] == manifest["counts"]
 
 
+def test_spill_tasks_that_write_as_they_go_give_the_same_shards(spark, ag_prepared, tmp_path):
+    """A spill task writes its kept rows out whenever it holds spark.dl_pipeline.test.spill_flush_bytes
+    of them (in the product: 128 MB, so a whole gzip file never sits in memory): 64 KB here,
+    dozens of flushes a task, and the shards are the same bytes."""
+    from dl_pipeline.config import replace
+    from dl_pipeline.prepare import FLUSH_CONF
+
+    cfg, manifest = ag_prepared
+    spark.conf.set(FLUSH_CONF, str(64 << 10))
+    try:
+        again = prepare_dataset(spark, replace(cfg, prepare={"output_path": str(tmp_path / "flushed")}))
+    finally:
+        spark.conf.unset(FLUSH_CONF)
+    assert again["counts"] == manifest["counts"]
+    assert shard_digests(tmp_path / "flushed") == shard_digests(cfg.prepare.output_path)
+
+
 def test_split_is_stable_when_rows_are_added(spark, tmp_path):
     """A row's split depends on its content hash only: adding rows never moves it."""
     rows = [f'"{1 + i % 4}","title {i}","body number {i} with words"' for i in range(400)]
@@ -323,10 +340,13 @@ def test_user_errors_are_one_line(spark, tmp_path):
         prepare_dataset(spark, _config(tmp_path, f"data.train_path={AG_TRAIN}", "data.multiline=true", "prepare.io=python"))
 
 
-def test_own_reads_and_sparks_reader_give_the_same_shards_and_rejects(spark, bad_run, tmp_path):
+def test_own_reads_and_sparks_reader_give_the_same_shards_and_rejects(spark, bad_run, tmp_path, monkeypatch):
     """prepare.io: the spill tasks that read their byte ranges and the ones fed by Spark's text
-    reader apply the same rules, so the bad lines plus the AG sample (train and test files, a
-    split cut into several byte ranges) give byte-identical shards and the same rejects."""
+    reader apply the same rules, so the bad lines plus the AG sample (train and test files, the
+    train file cut into several byte ranges) give byte-identical shards and the same rejects."""
+    from dl_pipeline import prepare
+
+    monkeypatch.setattr(prepare, "MIN_SPLIT_BYTES", 1)  # the driver's plan: cut the ~1 MB file into ranges
     bad_csv = bad_run[0] / "bad.csv"
     data = tmp_path / "in"
     data.mkdir()
