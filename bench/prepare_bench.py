@@ -37,7 +37,7 @@ from dl_pipeline.dataset import use_mimalloc
 from dl_pipeline.features import clean_record, featurize_texts, list_array, text_spec
 from dl_pipeline.prepare import prepare_dataset
 from dl_pipeline.sources import parse_zhang_line
-from dl_pipeline.spark import get_spark
+from dl_pipeline.spark import WORKER_ENV, get_spark
 
 
 def single_process(path: str, out: str, cfg) -> tuple[float, float]:
@@ -45,7 +45,7 @@ def single_process(path: str, out: str, cfg) -> tuple[float, float]:
     (wall seconds, CPU seconds)."""
     spec = text_spec(cfg.features, cfg.data)
     use_mimalloc()  # the Spark job's tasks write with it too,
-    gc.disable()  # and run without the cyclic collector (prepare_tasks.without_gc)
+    gc.disable()  # and run without the cyclic collector (prepare_tasks.as_task)
     t0, c0 = time.perf_counter(), time.process_time()
     texts, labels, seen = [], [], set()
     with open(path, encoding="utf-8") as fh:
@@ -79,8 +79,9 @@ def single_process(path: str, out: str, cfg) -> tuple[float, float]:
 
 def single_process_in_child(path: str, out: str) -> dict:
     """single_process in a fresh interpreter: its wall and CPU seconds and its own peak RSS."""
+    env = {**os.environ, **WORKER_ENV}  # the job's workers' allocator settings, read when pyarrow loads
     doc = subprocess.run([sys.executable, __file__, "--single-process", path, "--workdir", os.path.dirname(out)],
-                         check=True, capture_output=True, text=True).stdout
+                         check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(doc)
 
 

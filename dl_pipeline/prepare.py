@@ -113,9 +113,15 @@ def spill(spark, data: DataConfig, task: PrepareTask, splits: list[tuple[Any, st
     return run_tasks(spark, len(splits), run)
 
 
+# Write tasks per core, each a share of the row groups: more than one, so the scheduler evens
+# out a slow core or a long task (with one task per core, the pass waits for the slower one);
+# a task costs little more than opening the spill files again.
+WRITE_TASKS_PER_CORE = 4
+
+
 def write_outputs(spark, spilled: list[dict[str, Any]], task: PrepareTask,
                   train_path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Pass 2 (prepare_tasks.write_groups): the row groups shared among one task per core,
+    """Pass 2 (prepare_tasks.write_groups): the row groups shared among WRITE_TASKS_PER_CORE tasks per core,
     then the counts summed and checked -> (summary of counts, split info). Raises if the rows
     do not add up; nothing is published then (``task.root`` is this run's own directory)."""
     from dl_pipeline.score_tasks import run_tasks
@@ -124,7 +130,7 @@ def write_outputs(spark, spilled: list[dict[str, Any]], task: PrepareTask,
     for r in sorted((r for r in spilled if r["kind"] == "spill"), key=lambda r: (r["grp"], r["file"], r["batch"])):
         sources.setdefault(r["grp"], []).append((r["file"], r["batch"]))
     groups = sorted(sources)
-    tasks = max(1, min(spark.sparkContext.defaultParallelism, len(groups)))
+    tasks = max(1, min(WRITE_TASKS_PER_CORE * spark.sparkContext.defaultParallelism, len(groups)))
     shares = [groups[i::tasks] for i in range(tasks)]
 
     def run(i: int) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ every copy ``conflicting_labels``; exact copies -> the first by (file, row numbe
 ``rejects/part-w<task>.parquet``.
 
 This is the data path's one shuffle, done in Python: a row crosses into the JVM never, and is
-written and read once more, memory-mapped, in the layout the writer needs. (Spark's own shuffle,
+written and read once more (read, not mapped: _SpillFiles), in the layout the writer needs. (Spark's own shuffle,
 sort and window on whole rows, with the Arrow transfers to and from it, cost prepare ~20 CPU-us a
 row: bench/README.md.) Every output depends on the rows alone, so shards are byte-identical on
 any cluster and on a retried task.
@@ -233,16 +233,13 @@ class Spill:
             self._reject(bad)
             rows = rows.filter(pc.is_null(rows.column("reason")))
         if rows.num_rows:
-            h = self._hashes(rows.column("value"))
+            from dl_pipeline.features import content_hashes
+
+            h = content_hashes(rows.column("value").combine_chunks())
             self.kept.append(rows.drop(["reason"]).append_column("h", pa.array(h, pa.uint64())))
             self.kept_bytes += self.kept[-1].nbytes
             if self.kept_bytes >= self.task.flush_bytes:
                 self._flush()
-
-    def _hashes(self, values) -> np.ndarray:
-        from dl_pipeline.features import content_hashes
-
-        return content_hashes(values.combine_chunks())
 
     def _reject(self, bad) -> None:
         import pyarrow as pa
@@ -312,12 +309,19 @@ def _write_atomic(url: str):
 
 
 @contextlib.contextmanager
-def without_gc():
-    """Python's cyclic garbage collector off for a task's length. Parsing holds ~130k container
-    objects per 16 MB chunk (result tuples, field lists) and the collector walked them over and
-    over: a spill task took 14.7 CPU-us/row with it and 10.3 without (100k AG News rows, best
-    of 5). Tasks make no reference cycles of their own, and the worker collects after each task
-    (pyworker)."""
+def as_task():
+    """A task's process settings while it runs.
+
+    Python's cyclic garbage collector is off: parsing holds ~130k container objects per 16 MB
+    chunk (result tuples, field lists) and the collector walked them over and over: a spill
+    task took 14.7 CPU-us/row with it and 10.3 without (100k AG News rows, best of 5). Tasks
+    make no reference cycles of their own, and the worker collects after each task (pyworker).
+
+    After it, Arrow's pool hands its free memory back to the OS: a reused worker runs ~20 tasks
+    of a 10M-row job, and its resident memory should be one task's, not what the allocator kept
+    of all of them."""
+    import pyarrow as pa
+
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -325,12 +329,13 @@ def without_gc():
     finally:
         if enabled:
             gc.enable()
+        pa.default_memory_pool().release_unused()
 
 
 def spill_lines(split, first_number: int, origin: str, index: int, task: PrepareTask) -> list[dict[str, Any]]:
     """Spill task over a ``line_splits.LineSplit`` of a line-mode Zhang CSV (its lines read by
     this task) -> report rows. ``first_number``: the split's first physical line number."""
-    with without_gc(), Spill(task, index) as spill:
+    with as_task(), Spill(task, index) as spill:
         return _spill_lines_into(spill, split, first_number, origin, task)
 
 
@@ -375,7 +380,7 @@ def spill_frame(task: PrepareTask):
     def run(batches):
         from pyspark import TaskContext
 
-        with without_gc(), Spill(task, TaskContext.get().partitionId()) as spill:
+        with as_task(), Spill(task, TaskContext.get().partitionId()) as spill:
             report = _spill_batches(batches, spill)
         yield _report_batch(report)
 
@@ -423,18 +428,17 @@ OK, DUPLICATE, CONFLICT = 0, 1, 2
 WRITE_CHUNK_ROWS = 4096
 
 
-def decide(rows) -> np.ndarray:
-    """A row group's spilled rows (all copies of their contents) -> status int8 [n]: OK,
-    DUPLICATE or CONFLICT. Copies are rows with equal content hash and origin."""
-    h = rows.column("h").to_numpy()
-    test = _from_test_file(rows)
+def decide(rows, h: np.ndarray, test: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """A row group's spilled rows (all copies of their contents; their content hashes ``h``
+    uint64 [n], whether each came from the test file ``test`` bool [n], ``labels`` int32 [n])
+    -> status int8 [n]: OK, DUPLICATE or CONFLICT. Copies are rows with equal content hash and
+    origin. ``rows`` (the spilled table, chunks as read) is looked at for copies only."""
     status = np.zeros(len(h), np.int8)
     order = np.lexsort((test, h))
     hs, ts = h[order], test[order]
     same = (hs[1:] == hs[:-1]) & (ts[1:] == ts[:-1])
     if not same.any():
         return status
-    labels = rows.column("label").to_numpy()
     starts = np.flatnonzero(np.r_[True, ~same])
     ends = np.r_[starts[1:], len(h)]
     for lo, hi in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
@@ -490,7 +494,7 @@ def write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[st
                  task: PrepareTask) -> list[dict[str, Any]]:
     """Write task ``index``: for each of ``groups`` (ascending), its batches ``sources[group]``
     ((spill file, batch index) each) -> shard files and rejects; -> report rows."""
-    with without_gc():
+    with as_task():
         return _write_groups(index, groups, sources, task)
 
 
@@ -509,21 +513,20 @@ def _write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[s
     with contextlib.ExitStack() as files:  # on an exception the rejects file is not published
         rejects = None
         for done, group in enumerate(groups):
-            if done and first_attempt and task.inject_failure:
-                raise RuntimeError("injected prepare failure")
-            if done and first_attempt and task.pause_dir and index == 0:
-                wait_to_be_killed(task.pause_dir)
-            # One array per column: take() on a chunked column concatenates its chunks every call.
-            rows = pa.Table.from_batches([spills.batch(name, b) for name, b in sources[group]]).combine_chunks()
-            status = decide(rows)
+            rows = pa.Table.from_batches([spills.batch(name, b) for name, b in sources[group]])
+            # The values as one array (take() on a chunked column concatenates it every call);
+            # the raw records and where they came from stay as read, for the few rejects.
+            values = rows.column("value").combine_chunks()
             h, labels = rows.column("h").to_numpy(), rows.column("label").to_numpy()
-            split = split_codes(h, _from_test_file(rows), task)
+            test = _from_test_file(rows)
+            status = decide(rows, h, test, labels)
+            split = split_codes(h, test, task)
             for s, name in enumerate(dataset.SPLITS):
                 take = np.flatnonzero((status == OK) & (split == s))
                 if not len(take):
                     continue
-                take = take[np.lexsort((_from_test_file(rows)[take], order_keys(h[take], task.seed)))]
-                table = pa.concat_tables(_featurized(rows, h, take[lo : lo + WRITE_CHUNK_ROWS], task.spec, schema)
+                take = take[np.lexsort((test[take], order_keys(h[take], task.seed)))]
+                table = pa.concat_tables(_featurized(values, labels, h, take[lo : lo + WRITE_CHUNK_ROWS], task.spec, schema)
                                          for lo in range(0, len(take), WRITE_CHUNK_ROWS))
                 file = f"part-{group:05d}.parquet"
                 dataset.write_row_group(fsutil.join(task.root, name, file), table)
@@ -535,22 +538,42 @@ def _write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[s
                 if rejects is None:
                     url = fsutil.join(task.root, "rejects", f"part-w{index:05d}.parquet")
                     rejects = files.enter_context(dataset.parquet_file(url, rejects_schema(), compression="snappy"))
-                rejects.write_table(_rejected(rows.take(pa.array(bad)), status[bad]))
+                rejects.write_table(_rejected(_take_chunked(rows, bad), status[bad]))
                 for st, label in zip(status[bad], labels[bad], strict=True):
                     key = ("duplicate", "duplicate") if st == DUPLICATE else ("rejected", "conflicting_labels")
                     counts[(*key, None, int(label))] += 1
+            if not done and first_attempt and task.inject_failure:  # its first group written, a task may have one
+                raise RuntimeError("injected prepare failure")
+            if not done and first_attempt and task.pause_dir and index == 0:
+                wait_to_be_killed(task.pause_dir)
     return report + _count_rows(counts)
 
 
-def _featurized(rows, h: np.ndarray, take: np.ndarray, spec: dict[str, Any], schema):
-    """Rows ``take`` of a group's spilled rows -> a table of the dataset's ``schema``."""
+def _featurized(values, labels: np.ndarray, h: np.ndarray, take: np.ndarray, spec: dict[str, Any], schema):
+    """Rows ``take`` of a group's spilled rows (``values`` one array, ``labels`` and content
+    hashes ``h`` [n]) -> a table of the dataset's ``schema``."""
     import pyarrow as pa
 
     from dl_pipeline.features import encoded_features
 
-    picked = rows.take(pa.array(take))
-    return pa.table({"row_id": row_ids(h[take]), "label": picked.column("label"),
-                     **encoded_features(picked.column("value").combine_chunks(), spec)}, schema=schema)
+    return pa.table({"row_id": row_ids(h[take]), "label": pa.array(labels[take], pa.int32()),
+                     **encoded_features(values.take(pa.array(take)), spec)}, schema=schema)
+
+
+def _take_chunked(rows, index: np.ndarray):
+    """Rows ``index`` (ascending) of a table whose columns are chunked alike (batches as read)
+    -> a table, taken chunk by chunk: Table.take would concatenate every column whole first."""
+    import pyarrow as pa
+
+    batches = rows.to_batches()
+    ends = np.cumsum([b.num_rows for b in batches])
+    pieces, lo = [], 0
+    for batch, end in zip(batches, ends, strict=True):
+        hi = int(np.searchsorted(index, end))
+        if hi > lo:
+            pieces.append(batch.take(pa.array(index[lo:hi] - (end - batch.num_rows))))
+        lo = hi
+    return pa.Table.from_batches(pieces, schema=rows.schema)
 
 
 def _count_rows(counts: collections.Counter) -> list[dict[str, Any]]:

@@ -12,6 +12,14 @@ import sys
 
 from dl_pipeline.config import SparkConfig
 
+# The Python workers' environment, in a session we start (spark.executorEnv.*; on a cluster,
+# set it in the cluster's Spark config). Arrow's mimalloc asks the OS for 2 MiB pages
+# (transparent huge pages, where the kernel grants them on request): prepare's tasks copy each
+# row's strings ~3 times through buffers of tens of MB, each fresh from the OS, and in 4 KiB
+# pages faulting them in cost 5x the copy (an 80 MB concatenation: 76-89 ms against 16 ms).
+# mimalloc reads it when pyarrow loads: it cannot be set from a task. bench/README.md.
+WORKER_ENV = {"MIMALLOC_LARGE_OS_PAGES": "1"}
+
 # Settings for a session we start ourselves. Arrow makes pandas_udf / toPandas columnar.
 _LOCAL_DEFAULTS = {
     "spark.driver.host": "127.0.0.1",
@@ -25,6 +33,7 @@ _LOCAL_DEFAULTS = {
     # Scoring overwrites one dt=... partition per run, never the whole table.
     "spark.sql.sources.partitionOverwriteMode": "dynamic",
     "spark.driver.memory": "2g",
+    **{f"spark.executorEnv.{k}": v for k, v in WORKER_ENV.items()},
 }
 
 

@@ -460,8 +460,16 @@ def test_copies_are_decided_per_origin_the_first_by_file_and_row_kept():
         "row_number": pa.array([1, 20, 3, 4, 5, 1, 6], pa.int64()),
         "raw": ["r"] * 7,
     })
+    rows = pa.Table.from_batches(rows.to_batches(max_chunksize=3))  # chunked, as a write task reads it
+    test = np.array([o == "test" for o in rows.column("origin").to_pylist()])
     # h=7 in train: a.csv row 3 kept; the test file's copy stays; h=9: two labels, both out
-    assert decide(rows).tolist() == [DUPLICATE, DUPLICATE, OK, CONFLICT, CONFLICT, OK, OK]
+    status = decide(rows, rows.column("h").to_numpy(), test, rows.column("label").to_numpy())
+    assert status.tolist() == [DUPLICATE, DUPLICATE, OK, CONFLICT, CONFLICT, OK, OK]
+    # their rejects, taken batch by batch
+    from dl_pipeline.prepare_tasks import _take_chunked
+
+    bad = np.flatnonzero(status != OK)
+    assert _take_chunked(rows, bad).to_pydict() == rows.take(pa.array(bad)).to_pydict()
 
 
 def test_prepare_and_score_give_the_same_rows_the_same_reasons(spark, bad_run, ag_model, tmp_path):
