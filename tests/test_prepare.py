@@ -656,3 +656,14 @@ def test_line_records_join_across_batches_and_stop_at_a_file_end(cut):
     assert [(r[0], r[2], r[3], r[5]) for r in out] == [
         ("1", None, "a b", None), ("2", None, "c\nd e", '"2","c\nd","e"'), (None, CONTINUATION, None, None),
         (None, "malformed_quoting", None, None), (None, "wrong_field_count", None, None), ("4", None, "x y", None)]
+
+
+def test_workers_of_a_session_we_start_get_the_worker_env(spark):
+    """prepare's tasks copy rows through large Arrow buffers: their workers run with mimalloc on
+    2 MiB pages (spark.WORKER_ENV), which pyarrow reads when it loads, so only the environment
+    a worker starts with can set it."""
+    from dl_pipeline.spark import WORKER_ENV
+
+    keys = sorted(WORKER_ENV)
+    seen = spark.sparkContext.parallelize(range(2), 2).map(lambda _: [os.environ.get(k) for k in keys]).collect()
+    assert WORKER_ENV == {"MIMALLOC_LARGE_OS_PAGES": "1"} and seen == [["1"], ["1"]]
