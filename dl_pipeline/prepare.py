@@ -121,9 +121,10 @@ WRITE_TASKS_PER_CORE = 4
 
 def write_outputs(spark, spilled: list[dict[str, Any]], task: PrepareTask,
                   train_path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Pass 2 (prepare_tasks.write_groups): the row groups shared among WRITE_TASKS_PER_CORE tasks per core,
-    then the counts summed and checked -> (summary of counts, split info). Raises if the rows
-    do not add up; nothing is published then (``task.root`` is this run's own directory)."""
+    """Pass 2 (prepare_tasks.write_groups): the row groups shared among WRITE_TASKS_PER_CORE
+    tasks per core, then the counts summed and checked -> (summary of counts, split info).
+    Raises if the rows do not add up; nothing is published then (``task.root`` is this run's
+    own directory)."""
     from dl_pipeline.score_tasks import run_tasks
 
     sources: dict[int, list[tuple[str, int]]] = {}

@@ -16,9 +16,9 @@ every copy ``conflicting_labels``; exact copies -> the first by (file, row numbe
 ``rejects/part-w<task>.parquet``.
 
 This is the data path's one shuffle, done in Python: a row crosses into the JVM never, and is
-written and read once more (read, not mapped: _SpillFiles), in the layout the writer needs. (Spark's own shuffle,
-sort and window on whole rows, with the Arrow transfers to and from it, cost prepare ~20 CPU-us a
-row: bench/README.md.) Every output depends on the rows alone, so shards are byte-identical on
+written and read once more (read, not mapped: _SpillFiles), in the layout the writer needs.
+(Spark's own shuffle, sort and window on whole rows, with the Arrow transfers to and from it,
+cost prepare ~20 CPU-us a row: bench/README.md.) Every output depends on the rows alone, so shards are byte-identical on
 any cluster and on a retried task.
 
 Driver code: ``prepare.py``. What travels to tasks: a ``PrepareTask`` and plain values.
