@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 
 from dl_pipeline.line_splits import count_lines, plan, read_lines
@@ -166,3 +167,13 @@ def test_a_small_file_is_one_range_on_any_number_of_cores():
     assert len(plan({"file:///a.csv": 17_903}, 42, 64 << 20, 4 << 20)) == 1
     assert len(plan({"file:///a.csv": 17_903}, 42, 64 << 20)) == 42
     assert [s.end - s.start for s in plan({"file:///a.csv": 10 << 20}, 4, 64 << 20, 4 << 20)] == [4 << 20, 4 << 20, 2 << 20]
+
+
+def test_count_byte_counts_across_its_slices():
+    """count_byte compares a slice at a time: counts on both sides of each cut, and in a short tail."""
+    from dl_pipeline.line_splits import _COUNT_SLICE, count_byte
+
+    rng = np.random.default_rng(5)
+    data = rng.choice(np.frombuffer(b"ab\n\r", np.uint8), 2 * _COUNT_SLICE + 7).tobytes()
+    assert count_byte(data, 0x0A) == data.count(b"\n") and count_byte(data, 0x0D) == data.count(b"\r")
+    assert count_byte(b"", 0x0A) == 0

@@ -659,11 +659,12 @@ def test_line_records_join_across_batches_and_stop_at_a_file_end(cut):
 
 
 def test_workers_of_a_session_we_start_get_the_worker_env(spark):
-    """prepare's tasks copy rows through large Arrow buffers: their workers run with mimalloc on
-    2 MiB pages (spark.WORKER_ENV), which pyarrow reads when it loads, so only the environment
-    a worker starts with can set it."""
+    """prepare's tasks copy rows through large buffers: their workers run with mimalloc and glibc's
+    malloc on 2 MiB pages (spark.WORKER_ENV), which each reads when it loads, so only the
+    environment a worker starts with can set it."""
     from dl_pipeline.spark import WORKER_ENV
 
     keys = sorted(WORKER_ENV)
     seen = spark.sparkContext.parallelize(range(2), 2).map(lambda _: [os.environ.get(k) for k in keys]).collect()
-    assert WORKER_ENV == {"MIMALLOC_LARGE_OS_PAGES": "1"} and seen == [["1"], ["1"]]
+    assert WORKER_ENV == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "MIMALLOC_LARGE_OS_PAGES": "1"}
+    assert seen == [["glibc.malloc.hugetlb=1", "1"]] * 2
