@@ -103,10 +103,9 @@ def _first_line_start(fh, pos: int, size: int) -> int:
 _BOM = b"\xef\xbb\xbf"
 
 
-def _range_blocks(fh, split: LineSplit, size: int) -> Iterator[bytes]:
+def _range_blocks(fh, split: LineSplit, size: int, first: int) -> Iterator[bytes]:
     """The bytes of the lines that start in ``split`` of a plain file, ``split.chunk_bytes`` at a
-    time: from its first line start to the first line start at or after its end."""
-    first = _first_line_start(fh, split.start, size)
+    time: from its first line start ``first`` to the first line start at or after its end."""
     last = _first_line_start(fh, split.end, size)
     fh.seek(first)
     pos = first
@@ -134,25 +133,29 @@ def _gzip_blocks(fh, chunk_bytes: int) -> Iterator[bytes]:
             yield block
 
 
-def _pieces(blocks: Iterator[bytes], at_file_start: bool) -> Iterator[bytes]:
+def _pieces(blocks: Iterator[bytes], at_file_start: bool) -> Iterator[tuple[int, bytes]]:
     """Blocks of bytes that begin at a line start -> pieces of whole lines (the last may lack
-    its terminator), a file's leading byte-order mark left out. A piece ends after the last
-    terminator of a block; a CR that ends a block waits for the next byte (it may be a CRLF). A
-    block without a terminator waits for the next: each byte is searched once, whatever the
-    line's length."""
+    its terminator), a file's leading byte-order mark left out, each with its first byte's
+    offset in the blocks. A piece ends after the last terminator of a block; a CR that ends a
+    block waits for the next byte (it may be a CRLF). A block without a terminator waits for
+    the next: each byte is searched once, whatever the line's length."""
     block = next(blocks, b"")
+    pos = 0
     if at_file_start:
         while block and len(block) < len(_BOM) and _BOM.startswith(block):  # too few bytes yet to tell
             more = next(blocks, b"")
             if not more:
                 break
             block += more
-        block = block.removeprefix(_BOM)
+        if block.startswith(_BOM):
+            block, pos = block[len(_BOM):], len(_BOM)
     pending: list[bytes] = []  # bytes since the last piece, no line end among them
     while True:
         cut = max(block.rfind(b"\n"), block.rfind(b"\r", 0, len(block) - 1)) + 1
         if cut:
-            yield b"".join([*pending, block[:cut]])
+            piece = b"".join([*pending, block[:cut]])
+            yield pos, piece
+            pos += len(piece)
             pending, block = [], block[cut:]
         if block:
             pending.append(block)
@@ -160,23 +163,33 @@ def _pieces(blocks: Iterator[bytes], at_file_start: bool) -> Iterator[bytes]:
         if not block:
             break
     if pending:
-        yield b"".join(pending)
+        yield pos, b"".join(pending)
 
 
 def whole_line_chunks(split: LineSplit) -> Iterator[bytes]:
     """The bytes of the lines that start in ``split``, terminators included, in pieces of about
     ``split.chunk_bytes`` that end where a line does (a task holds one piece, as bytes and as
     lines, at a time). Raises BrokenFile, naming it, for a gzip file cut short or corrupt."""
+    for _, data in located_chunks(split):
+        yield data
+
+
+def located_chunks(split: LineSplit) -> Iterator[tuple[int | None, bytes]]:
+    """``whole_line_chunks``, each piece with the file offset of its first byte: None in a gzip
+    file (an offset into its decompressed stream cannot be read back without decompressing)."""
     import gzip
     import zlib
 
     fh, size = _open(split.url)
     with fh:
         if not is_gzip(split.url):
-            yield from _pieces(_range_blocks(fh, split, size), split.start == 0)
+            first = _first_line_start(fh, split.start, size)
+            for pos, data in _pieces(_range_blocks(fh, split, size, first), split.start == 0):
+                yield first + pos, data
             return
         try:
-            yield from _pieces(_gzip_blocks(fh, split.chunk_bytes), True)
+            for _, data in _pieces(_gzip_blocks(fh, split.chunk_bytes), True):
+                yield None, data
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise BrokenFile(f"{split.url}: not a whole gzip file ({exc})") from None
 
@@ -251,17 +264,54 @@ def decode_lines(data: bytes) -> list[str]:
     return [b.decode("utf-8", "replace") for b in data.splitlines()]
 
 
-def read_lines(split: LineSplit, first_number: int) -> Iterator[tuple]:
+def read_lines(split: LineSplit, first_number: int, located: bool = False) -> Iterator[tuple]:
     """-> pieces (row numbers int64 [n], lines [n] as str) of the non-blank lines that start in
     ``split``, in file order (see ``whole_line_chunks``); ``first_number`` is its first line's
-    number. Invalid UTF-8 becomes U+FFFD, as Spark's ``decode`` does."""
+    number. Invalid UTF-8 becomes U+FFFD, as Spark's ``decode`` does. ``located``: each piece
+    also has its lines' byte ranges in the file, int64 [n, 2] (start, end without the
+    terminator), or None where they are not worked out (a gzip file, a piece with CRs):
+    ``read_back`` turns a range into its line again."""
     import numpy as np
 
-    for data in whole_line_chunks(split):
+    for start, data in located_chunks(split):
         lines = decode_lines(data)
+        physical = len(lines)
+        spans = _line_spans(data, start, physical) if located else None
         if not _may_hold_blank_lines(data):
-            yield np.arange(first_number, first_number + len(lines), dtype=np.int64), lines
+            numbers = np.arange(first_number, first_number + len(lines), dtype=np.int64)
         else:
             keep = [i for i, line in enumerate(lines) if not is_blank(line)]
-            yield np.asarray(keep, dtype=np.int64) + first_number, [lines[i] for i in keep]
-        first_number += len(lines)
+            numbers, lines = np.asarray(keep, dtype=np.int64) + first_number, [lines[i] for i in keep]
+            spans = None if spans is None else spans[keep]
+        yield (numbers, lines, spans) if located else (numbers, lines)
+        first_number += physical
+
+
+def _line_spans(data: bytes, start: int | None, n: int):
+    """Byte ranges in the file of the ``n`` lines of ``data`` (a piece at file offset ``start``)
+    -> int64 [n, 2], or None without an offset or where CRs may end lines."""
+    import numpy as np
+
+    if start is None or b"\r" in data:
+        return None
+    ends = np.flatnonzero(np.frombuffer(data, np.uint8) == 0x0A)
+    if len(ends) < n:  # the last line has no terminator
+        ends = np.append(ends, len(data))
+    ends = ends[:n]
+    starts = np.empty(n, np.int64)
+    starts[:1], starts[1:] = 0, ends[:-1] + 1
+    return np.stack([starts, ends], axis=1) + start
+
+
+def read_back(url: str, spans) -> list[str]:
+    """Lines that ``read_lines(located=True)`` placed at byte ranges ``spans`` (int64 [n, 2]) of
+    the file at ``url`` -> the lines, as read_lines decoded them. Reads in file order."""
+    import numpy as np
+
+    fh, _ = _open(url)
+    out = [""] * len(spans)
+    with fh:
+        for i in np.argsort(spans[:, 0], kind="stable"):
+            fh.seek(int(spans[i, 0]))
+            out[i] = fh.read(int(spans[i, 1] - spans[i, 0])).decode("utf-8", "replace")
+    return out

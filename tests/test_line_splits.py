@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from dl_pipeline.line_splits import count_lines, plan, read_lines
+from dl_pipeline.line_splits import LineSplit, count_lines, plan, read_back, read_lines
 
 PIECES = [b"a", b"bc", b" ", b"  ", b"", b"\xff", b"\xef\xbb\xbf", b"\xc3\xa9", b"\xe2\x80\xa8", b"x y", b"\x0c", b"\xc2\x85", b'"1","t","b"']
 ENDS = [b"\n", b"\r\n", b"\r", b"\n\n", b"\r\r\n", b"\n", b"\n"]
@@ -20,11 +20,15 @@ def _definition(data: bytes) -> list[tuple[int, str]]:
 
 
 def _lines(split, first_number):
-    """read_lines' pieces, joined: (numbers, lines)."""
+    """read_lines' pieces, joined: (numbers, lines); the lines it located read back the same."""
     numbers, lines = [], []
     for piece_numbers, piece_lines in read_lines(split, first_number):
         numbers += piece_numbers.tolist()
         lines += piece_lines
+    located = [(n.tolist(), ls, spans) for n, ls, spans in read_lines(split, first_number, located=True)]
+    assert [n for piece in located for n in piece[0]] == numbers and [x for p in located for x in p[1]] == lines
+    for _, piece_lines, spans in located:
+        assert spans is None or read_back(split.url, spans) == piece_lines
     return numbers, lines
 
 
@@ -177,3 +181,21 @@ def test_count_byte_counts_across_its_slices():
     data = rng.choice(np.frombuffer(b"ab\n\r", np.uint8), 2 * _COUNT_SLICE + 7).tobytes()
     assert count_byte(data, 0x0A) == data.count(b"\n") and count_byte(data, 0x0D) == data.count(b"\r")
     assert count_byte(b"", 0x0A) == 0
+
+
+def test_lines_without_cr_are_located_and_read_back(tmp_path):
+    """Without CRs every line is located: read back from its byte range (past a byte-order
+    mark, blank lines, invalid UTF-8, a line longer than a piece, no final terminator), it is
+    the line read_lines gave."""
+    data = b"\xef\xbb\xbfa\n\n  \nb\xff c\n" + b"long " * 40 + b"\n\xc3\xa9\n \nlast"
+    path = tmp_path / "f.csv"
+    path.write_bytes(data)
+    url = path.as_uri()
+    for cut in (1, 7, 64, len(data)):
+        got = []
+        for split in plan({url: len(data)}, 1, cut):
+            split = LineSplit(split.url, split.start, split.end, chunk_bytes=16)
+            for _, lines, spans in read_lines(split, 1, located=True):
+                assert spans is not None and read_back(url, spans) == lines
+                got += lines
+        assert got == ["a", "b\ufffd c", "long " * 40, "\xe9", "last"]
