@@ -306,12 +306,27 @@ def _line_spans(data: bytes, start: int | None, n: int):
 def read_back(url: str, spans) -> list[str]:
     """Lines that ``read_lines(located=True)`` placed at byte ranges ``spans`` (int64 [n, 2]) of
     the file at ``url`` -> the lines, as read_lines decoded them. Reads in file order."""
+    import os
+
     import numpy as np
 
-    fh, _ = _open(url)
+    from dl_pipeline import fsutil
+
     out = [""] * len(spans)
+    order = np.argsort(spans[:, 0], kind="stable")
+    reads = zip(order.tolist(), spans[order, 0].tolist(), (spans[order, 1] - spans[order, 0]).tolist(), strict=True)
+    local = fsutil.local_path(url)
+    if local:  # one pread a line: ~3 CPU-us, against 7 through a file object's seek and read
+        fd = os.open(local, os.O_RDONLY)
+        try:
+            for i, start, n in reads:
+                out[i] = os.pread(fd, n, start).decode("utf-8", "replace")
+        finally:
+            os.close(fd)
+        return out
+    fh, _ = _open(url)
     with fh:
-        for i in np.argsort(spans[:, 0], kind="stable"):
-            fh.seek(int(spans[i, 0]))
-            out[i] = fh.read(int(spans[i, 1] - spans[i, 0])).decode("utf-8", "replace")
+        for i, start, n in reads:
+            fh.seek(start)
+            out[i] = fh.read(n).decode("utf-8", "replace")
     return out

@@ -199,3 +199,11 @@ def test_lines_without_cr_are_located_and_read_back(tmp_path):
                 assert spans is not None and read_back(url, spans) == lines
                 got += lines
         assert got == ["a", "b\ufffd c", "long " * 40, "\xe9", "last"]
+
+
+def test_read_back_through_fsspec_reads_the_same_ranges():
+    """A file that is not local is read back through its fsspec filesystem, in file order."""
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/read_back/f.csv", b"ab\ncd\n\xc3\xa9\n")
+    assert read_back("memory:///read_back/f.csv", np.array([[6, 8], [0, 2], [3, 5]])) == ["\xe9", "ab", "cd"]
