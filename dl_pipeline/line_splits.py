@@ -270,7 +270,8 @@ def read_lines(split: LineSplit, first_number: int, located: bool = False) -> It
     number. Invalid UTF-8 becomes U+FFFD, as Spark's ``decode`` does. ``located``: each piece
     also has its lines' byte ranges in the file, int64 [n, 2] (start, end without the
     terminator), or None where they are not worked out (a gzip file, a piece with CRs):
-    ``read_back`` turns a range into its line again."""
+    ``read_back`` turns a range into its line again; and its physical lines, blank ones
+    included (the next piece's numbers start that many after this one's)."""
     import numpy as np
 
     for start, data in located_chunks(split):
@@ -283,7 +284,7 @@ def read_lines(split: LineSplit, first_number: int, located: bool = False) -> It
             keep = [i for i, line in enumerate(lines) if not is_blank(line)]
             numbers, lines = np.asarray(keep, dtype=np.int64) + first_number, [lines[i] for i in keep]
             spans = None if spans is None else spans[keep]
-        yield (numbers, lines, spans) if located else (numbers, lines)
+        yield (numbers, lines, spans, physical) if located else (numbers, lines)
         first_number += physical
 
 

@@ -15,6 +15,7 @@ duplicates, also kept in ``rejects/`` with reason ``duplicate``) counted as a du
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from typing import Any
 from dl_pipeline import dataset, features, fsutil, prepare_tasks
 from dl_pipeline.config import Config, DataConfig, ShardConfig
 from dl_pipeline.errors import PipelineError, UserError
+from dl_pipeline.line_splits import BrokenFile
 from dl_pipeline.prepare_tasks import PrepareTask
 from dl_pipeline.sources import estimate_rows, is_line_mode, read_raw
 from dl_pipeline.spark import hadoop_delete, hadoop_path
@@ -97,21 +99,29 @@ def _drop_attempt_leftovers(spark, url: str) -> None:
             fs.delete(status.getPath(), False)
 
 
-def spill(spark, data: DataConfig, task: PrepareTask, splits: list[tuple[Any, str]] | None, raw) -> list[dict[str, Any]]:
-    """Pass 1 (prepare_tasks.Spill): -> the spill tasks' report rows. ``splits``: (line split,
-    origin) pairs the tasks read themselves; else ``raw``, the frame Spark read."""
-    from dl_pipeline.score_tasks import first_numbers, run_tasks
+def spill(spark, data: DataConfig, task: PrepareTask, splits: list[tuple[Any, str]] | None,
+          raw) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Pass 1 (prepare_tasks.Spill): -> (the spill tasks' report rows, the number to add to the
+    row numbers in each spill file). ``splits``: (line split, origin) pairs the tasks read
+    themselves, each numbering its rows from its first line; else ``raw``, the frame Spark read."""
+    from dl_pipeline.score_tasks import run_tasks
 
     if splits is None:
-        return [r.asDict() for r in raw.mapInArrow(prepare_tasks.spill_frame(task), prepare_tasks.REPORT_DDL).collect()]
-    first, _, broken = first_numbers(spark, [s for s, _ in splits])
-    if broken:
-        raise UserError(f"{broken}: deliver it again or move it out of the input; nothing was published")
+        return [r.asDict() for r in raw.mapInArrow(prepare_tasks.spill_frame(task), prepare_tasks.REPORT_DDL).collect()], {}
 
     def run(i: int) -> list[dict[str, Any]]:
-        return prepare_tasks.spill_lines(splits[i][0], first[i], splits[i][1], i, task)
+        return prepare_tasks.spill_lines(splits[i][0], splits[i][1], i, task)
 
-    return run_tasks(spark, len(splits), run)
+    report = run_tasks(spark, len(splits), run)
+    broken = sorted(r["reason"] for r in report if r["kind"] == "broken")
+    if broken:
+        raise BrokenFile(broken[0])
+    lines = {r["batch"]: r["n"] for r in report if r["kind"] == "lines"}
+    offsets, seen = {}, collections.Counter()
+    for i, (split, _) in enumerate(splits):  # in file order, then byte order: a split's lines follow the ones before it
+        offsets[prepare_tasks.spill_name(i)] = offsets[prepare_tasks.rejects_name(i)] = seen[split.url]
+        seen[split.url] += lines[i]
+    return report, offsets
 
 
 # Write tasks per core, each a share of the row groups: more than one, so the scheduler evens
@@ -120,26 +130,28 @@ def spill(spark, data: DataConfig, task: PrepareTask, splits: list[tuple[Any, st
 WRITE_TASKS_PER_CORE = 4
 
 
-def write_outputs(spark, spilled: list[dict[str, Any]], task: PrepareTask,
+def write_outputs(spark, spilled: list[dict[str, Any]], offsets: dict[str, int], task: PrepareTask,
                   train_path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Pass 2 (prepare_tasks.write_groups): the row groups shared among WRITE_TASKS_PER_CORE
-    tasks per core, then the counts summed and checked -> (summary of counts, split info).
-    Raises if the rows do not add up; nothing is published then (``task.root`` is this run's
-    own directory)."""
+    """Pass 2 (prepare_tasks.write_groups): the row groups, and the spill tasks' rejects to
+    publish, shared among WRITE_TASKS_PER_CORE tasks per core, then the counts summed and
+    checked -> (summary of counts, split info). ``offsets``: ``spill``'s. Raises if the rows do
+    not add up; nothing is published then (``task.root`` is this run's own directory)."""
     from dl_pipeline.score_tasks import run_tasks
 
     sources: dict[int, list[tuple[str, int]]] = {}
     for r in sorted((r for r in spilled if r["kind"] == "spill"), key=lambda r: (r["grp"], r["file"], r["batch"])):
         sources.setdefault(r["grp"], []).append((r["file"], r["batch"]))
     groups = sorted(sources)
+    rejected = sorted(r["file"] for r in spilled if r["kind"] == "rejects")
     tasks = max(1, min(WRITE_TASKS_PER_CORE * spark.sparkContext.defaultParallelism, len(groups)))
-    shares = [groups[i::tasks] for i in range(tasks)]
+    shares = [prepare_tasks.WriteShare(tuple(groups[i::tasks]), {g: sources[g] for g in groups[i::tasks]},
+                                       tuple(rejected[i::tasks]), offsets) for i in range(tasks)]
 
     def run(i: int) -> list[dict[str, Any]]:
-        return prepare_tasks.write_groups(i, shares[i], {g: sources[g] for g in shares[i]}, task)
+        return prepare_tasks.write_groups(i, shares[i], task)
 
     try:
-        written = run_tasks(spark, tasks, run) if groups else []
+        written = run_tasks(spark, tasks, run) if groups or rejected else []
     finally:  # the spill is only read here: gone whether or not the groups were written
         hadoop_delete(spark, fsutil.join(task.root, prepare_tasks.SPILL_DIR))
     counts = [r for r in spilled + written if r["kind"] == "count"]
@@ -325,6 +337,10 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
         return _prepare(spark, cfg, out)
 
 
+def _refused(exc: BrokenFile) -> UserError:
+    return UserError(f"{exc}: deliver it again or move it out of the input; nothing was published")
+
+
 def _prepare(spark, cfg: Config, out: str) -> dict[str, Any]:
     data, spec = cfg.data, (features.text_spec(cfg.features, cfg.data) if cfg.data.kind == "text" else features.image_spec(cfg.data))
     if not data.train_path:
@@ -342,7 +358,10 @@ def _prepare(spark, cfg: Config, out: str) -> dict[str, Any]:
     raw = read_raw(spark, data) if splits is None else None
     class_names, label_names, k = _label_map(spark, raw, data)
     # Row groups are fixed before the data is read, from an estimate of the input rows that leans high.
-    n_est = estimate_rows(data)
+    try:
+        n_est = estimate_rows(data)
+    except BrokenFile as exc:
+        raise _refused(exc) from None
     groups = max(1, choose_row_groups(n_est, spec, cfg.shard))
     root = new_run_root()
     task = PrepareTask(
@@ -353,12 +372,14 @@ def _prepare(spark, cfg: Config, out: str) -> dict[str, Any]:
         inject_failure=spark.conf.get(INJECT_FAILURE_CONF, "false") == "true", pause_dir=spark.conf.get(PAUSE_CONF, ""),
         **({"flush_bytes": int(spark.conf.get(FLUSH_CONF))} if spark.conf.get(FLUSH_CONF, "") else {}))
     try:
-        spilled = spill(spark, data, task, splits, raw)
-    except BaseException:  # what the spill tasks wrote is no use to anyone
+        spilled, offsets = spill(spark, data, task, splits, raw)
+    except BaseException as exc:  # what the spill tasks wrote is no use to anyone
         hadoop_delete(spark, fsutil.join(task.root, prepare_tasks.SPILL_DIR))
+        if isinstance(exc, BrokenFile):
+            raise _refused(exc) from None
         raise
     timings["spill_s"] = round(time.time() - t, 3)
-    summary, split_info = write_outputs(spark, spilled, task, data.train_path)
+    summary, split_info = write_outputs(spark, spilled, offsets, task, data.train_path)
     timings["read_clean_write_s"] = round(time.time() - t, 3)
     log.info("prepare counts: %s (%d row groups, estimated %d input rows; inputs read by %s)", json.dumps(summary["counts"]),
              groups, n_est, "Spark" if splits is None else "prepare's tasks")

@@ -3,17 +3,19 @@ itself. Spark schedules them, and reads the inputs Python does not read itself.
 
 **Spill** (one task per input split, or per partition of a frame Spark read): the label rule and
 the text rule set (``features.check_record``) decide each record's reject reason; rejects go to
-``rejects/part-s<task>.parquet``; the other rows get their content hash (``features.content_hashes``)
+``_spill/rejects-<task>.arrow``; the other rows get their content hash (``features.content_hashes``)
 and are written to ``_spill/part-<task>.arrow``, one Arrow IPC record batch per row group they
-fall in. A row's group is a function of its content and the seed alone (``content_keys``).
+fall in. A row's group is a function of its content and the seed alone (``row_groups_of``).
+A line split's rows are numbered from its first line, and its task reports its lines: the
+driver works out each split's place in its file from those (``prepare.spill``).
 
 **Write** (one task per share of the row groups): a group's batches from every spill file are all
 the copies of its texts, so duplicates are decided there: same content, different labels ->
 every copy ``conflicting_labels``; exact copies -> the first by (file, row number) kept, the rest
 ``duplicate`` (both per origin: the test file keeps all its rows). The kept rows get their split
 (content and seed), are ordered by a seeded hash of their content, featurized and written as
-``<split>/part-<group>.parquet``; that task's duplicates and conflicts go to
-``rejects/part-w<task>.parquet``.
+``<split>/part-<group>.parquet``; that task's duplicates and conflicts, and the spill tasks'
+rejects in its share, go to ``rejects/part-w<task>.parquet``, row numbers made whole.
 
 This is the data path's one shuffle, done in Python: a row crosses into the JVM never, and is
 written and read once more (read, not mapped: _SpillFiles), in the layout the writer needs.
@@ -30,7 +32,7 @@ import collections
 import contextlib
 import gc
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -195,7 +197,8 @@ class Spill:
         self.kept_bytes = 0
         self.counts: collections.Counter = collections.Counter()
         self.files = contextlib.ExitStack()
-        self.rejects = None
+        self.rejects = None  # the rejects' Arrow IPC writer (the write pass publishes them: write_groups)
+        self.rejected = 0
         self.spilled = None  # the spill file's Arrow IPC writer, opened at the first flush
         self.batches: list[dict[str, Any]] = []  # report rows of the batches written
 
@@ -258,12 +261,13 @@ class Spill:
         for (reason, label), n in _tally(bad.column("reason").to_pylist(), bad.column("label").to_pylist()).items():
             self.counts[("rejected", reason, None, label)] += n
         if self.rejects is None:
-            url = fsutil.join(self.task.root, "rejects", f"part-s{self.index:05d}.parquet")
-            self.rejects = self.files.enter_context(dataset.parquet_file(url, rejects_schema(), compression="snappy"))
+            sink = self.files.enter_context(_write_atomic(fsutil.join(self.task.root, SPILL_DIR, rejects_name(self.index))))
+            self.rejects = self.files.enter_context(pa.ipc.new_file(sink, rejects_schema()))
         raw = pc.utf8_slice_codeunits(bad.column("raw"), 0, RAW_LIMIT).cast(pa.string())
         self.rejects.write_table(pa.table({"origin": bad.column("origin"), "source_file": bad.column("source_file"),
                                            "row_number": bad.column("row_number"), "raw": raw, "reason": bad.column("reason")},
                                           schema=rejects_schema()))
+        self.rejected += bad.num_rows
 
     def _flush(self) -> None:
         """Write the rows held so far to the spill file, one batch per row group present."""
@@ -278,7 +282,7 @@ class Spill:
         order = np.argsort(group, kind="stable")
         rows, group = rows.take(pa.array(order)), group[order]
         starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-        name = f"part-{self.index:05d}.arrow"
+        name = spill_name(self.index)
         if self.spilled is None:
             sink = self.files.enter_context(_write_atomic(fsutil.join(self.task.root, SPILL_DIR, name)))
             self.spilled = self.files.enter_context(pa.ipc.new_file(sink, schema))
@@ -291,7 +295,18 @@ class Spill:
         """Write the rows still held, publish the rejects and spill files -> this task's report rows."""
         self._flush()
         self.files.close()
-        return _count_rows(self.counts) + self.batches
+        rejects = [{"kind": "rejects", "file": rejects_name(self.index), "n": self.rejected}] if self.rejected else []
+        return _count_rows(self.counts) + self.batches + rejects
+
+
+def spill_name(index: int) -> str:
+    """Spill task ``index``'s kept rows, in ``SPILL_DIR``."""
+    return f"part-{index:05d}.arrow"
+
+
+def rejects_name(index: int) -> str:
+    """Spill task ``index``'s rejects, in ``SPILL_DIR`` until a write task publishes them."""
+    return f"rejects-{index:05d}.arrow"
 
 
 def _ranges(at: np.ndarray | None, n: int) -> dict[str, Any]:
@@ -353,14 +368,27 @@ def as_task():
         pa.default_memory_pool().release_unused()
 
 
-def spill_lines(split, first_number: int, origin: str, index: int, task: PrepareTask) -> list[dict[str, Any]]:
+def spill_lines(split, origin: str, index: int, task: PrepareTask) -> list[dict[str, Any]]:
     """Spill task over a ``line_splits.LineSplit`` of a line-mode Zhang CSV (its lines read by
-    this task) -> report rows. ``first_number``: the split's first physical line number."""
-    with as_task(), Spill(task, index) as spill:
-        return _spill_lines_into(spill, split, first_number, origin, task)
+    this task) -> report rows, with ("lines", its physical lines as ``n``, ``index`` as
+    ``batch``), or only ("broken", the message as ``reason``) for a broken file.
+
+    Its rows are numbered from the split's first line (1): the split's place in its file is
+    known only once the splits before it are read, so the write pass adds it (``WriteShare``).
+    Counting every split's lines first, in a pass of its own, cost the job ~5 s in 290 at 10M
+    rows, with both cores reading the whole input once more."""
+    from dl_pipeline.line_splits import BrokenFile
+
+    try:
+        with as_task(), Spill(task, index) as spill:
+            lines = _spill_lines_into(spill, split, origin, task)
+            return [*spill.finish(), {"kind": "lines", "batch": index, "n": lines}]
+    except BrokenFile as exc:  # what the task wrote is not published (Spill.__exit__)
+        return [{"kind": "broken", "reason": str(exc), "n": 0}]
 
 
-def _spill_lines_into(spill: Spill, split, first_number: int, origin: str, task: PrepareTask) -> list[dict[str, Any]]:
+def _spill_lines_into(spill: Spill, split, origin: str, task: PrepareTask) -> int:
+    """-> the split's physical lines."""
     from dl_pipeline.line_splits import read_lines
     from dl_pipeline.sources import CONTINUATION, LineRecords
 
@@ -386,13 +414,15 @@ def _spill_lines_into(spill: Spill, split, first_number: int, origin: str, task:
         spans[[rec is not None for rec in record]] = -1  # a record of several lines keeps its text
         spill.add(origin, split.url, at[:, 0], label, reason, text, text_reason, raw, spans)
 
-    for piece_numbers, piece_lines, spans in read_lines(split, first_number, located=True):
+    physical = 0
+    for piece_numbers, piece_lines, spans, piece_physical in read_lines(split, 1, located=True):
         located = np.full((len(piece_lines), 2), -1, np.int64) if spans is None else spans
         waiting.append(np.column_stack([piece_numbers, located]))
         lines += piece_lines
+        physical += piece_physical
         add(records.feed([split.url] * len(piece_lines), piece_lines))
     add(records.finish())
-    return spill.finish()
+    return physical
 
 
 def spill_frame(task: PrepareTask):
@@ -485,17 +515,50 @@ def _from_test_file(rows) -> np.ndarray:
     return pc.equal(rows.column("origin"), "test").to_numpy(zero_copy_only=False)
 
 
+@dataclass(frozen=True)
+class WriteShare:
+    """What one write task gets: its row groups (ascending), each one's spilled batches
+    ((spill file, batch index) each), the spill tasks' rejects files it publishes, and the
+    number to add to the row numbers read from each file (a line split's rows are numbered
+    from its first line: ``spill_lines``)."""
+
+    groups: tuple[int, ...]
+    sources: dict[int, list[tuple[str, int]]]
+    rejects: tuple[str, ...] = ()
+    offsets: dict[str, int] = field(default_factory=dict)
+
+
 class _SpillFiles:
     """The spill files a write task reads, the last ``MAX_OPEN`` of them kept open (a job may
-    have thousands). Read, not memory-mapped: a mapped file's pages count in the task's resident
-    memory as it reads on (3.8 GB at 10M rows), for no CPU saved."""
+    have thousands), their rows numbered in their files (``WriteShare.offsets``). Read, not
+    memory-mapped: a mapped file's pages count in the task's resident memory as it reads on
+    (3.8 GB at 10M rows), for no CPU saved."""
 
     MAX_OPEN = 128
 
-    def __init__(self, root: str):
-        self.root, self.open = root, {}
+    def __init__(self, root: str, offsets: dict[str, int]):
+        self.root, self.offsets, self.open = root, offsets, {}
 
     def batch(self, name: str, index: int):
+        """Batch ``index`` of spill file ``name``, its row numbers in their file."""
+        batch = self._reader(name).get_batch(index)
+        offset = self.offsets.get(name, 0)
+        if not offset:
+            return batch
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        columns = batch.columns
+        at = batch.schema.get_field_index("row_number")
+        columns[at] = pc.add(columns[at], offset)
+        return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
+
+    def batches(self, name: str):
+        """All of spill file ``name``'s batches, in order."""
+        for i in range(self._reader(name).num_record_batches):
+            yield self.batch(name, i)
+
+    def _reader(self, name: str):
         import pyarrow as pa
 
         if name not in self.open:
@@ -509,33 +572,39 @@ class _SpillFiles:
                 fs, path = fsutil.fs_and_path(url)
                 source = fs.open(path, "rb")
             self.open[name] = pa.ipc.open_file(source), source
-        return self.open[name][0].get_batch(index)
+        return self.open[name][0]
 
 
-def write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[str, int]]],
-                 task: PrepareTask) -> list[dict[str, Any]]:
-    """Write task ``index``: for each of ``groups`` (ascending), its batches ``sources[group]``
-    ((spill file, batch index) each) -> shard files and rejects; -> report rows."""
+def write_groups(index: int, share: WriteShare, task: PrepareTask) -> list[dict[str, Any]]:
+    """Write task ``index``: for each of its share's groups, that group's spilled batches ->
+    shard files and rejects; then the spill tasks' rejects it was given -> rejects; -> report rows."""
     with as_task():
-        return _write_groups(index, groups, sources, task)
+        return _write_groups(index, share, task)
 
 
-def _write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[str, int]]],
-                  task: PrepareTask) -> list[dict[str, Any]]:
+def _write_groups(index: int, share: WriteShare, task: PrepareTask) -> list[dict[str, Any]]:
     import pyarrow as pa
     from pyspark import TaskContext
 
     dataset.use_mimalloc()
     context = TaskContext.get()
     first_attempt = context is None or context.attemptNumber() == 0
-    spills = _SpillFiles(task.root)
+    spills = _SpillFiles(task.root, share.offsets)
     schema = dataset.arrow_schema(task.spec)
     report: list[dict[str, Any]] = []
     counts: collections.Counter = collections.Counter()
     with contextlib.ExitStack() as files:  # on an exception the rejects file is not published
         rejects = None
-        for done, group in enumerate(groups):
-            rows = pa.Table.from_batches([spills.batch(name, b) for name, b in sources[group]])
+
+        def rejects_file():
+            nonlocal rejects
+            if rejects is None:
+                url = fsutil.join(task.root, "rejects", f"part-w{index:05d}.parquet")
+                rejects = files.enter_context(dataset.parquet_file(url, rejects_schema(), compression="snappy"))
+            return rejects
+
+        for done, group in enumerate(share.groups):
+            rows = pa.Table.from_batches([spills.batch(name, b) for name, b in share.sources[group]])
             # The values as one array (take() on a chunked column concatenates it every call);
             # the raw records and where they came from stay as read, for the few rejects.
             values = rows.column("value").combine_chunks()
@@ -557,10 +626,7 @@ def _write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[s
                     counts[("ok", None, name, int(label))] += int(n)
             bad = np.flatnonzero(status != OK)
             if len(bad):
-                if rejects is None:
-                    url = fsutil.join(task.root, "rejects", f"part-w{index:05d}.parquet")
-                    rejects = files.enter_context(dataset.parquet_file(url, rejects_schema(), compression="snappy"))
-                rejects.write_table(_rejected(_take_chunked(rows, bad), status[bad]))
+                rejects_file().write_table(_rejected(_take_chunked(rows, bad), status[bad]))
                 for st, label in zip(status[bad], labels[bad], strict=True):
                     key = ("duplicate", "duplicate") if st == DUPLICATE else ("rejected", "conflicting_labels")
                     counts[(*key, None, int(label))] += 1
@@ -568,6 +634,9 @@ def _write_groups(index: int, groups: list[int], sources: dict[int, list[tuple[s
                 raise RuntimeError("injected prepare failure")
             if not done and first_attempt and task.pause_dir and index == 0:
                 wait_to_be_killed(task.pause_dir)
+        for name in share.rejects:  # counted by the spill task that found them
+            for batch in spills.batches(name):
+                rejects_file().write_batch(batch)
     return report + _count_rows(counts)
 
 

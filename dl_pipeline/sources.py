@@ -23,6 +23,7 @@ import csv
 import gzip
 import re
 import struct
+import zlib
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -491,7 +492,8 @@ def read_image_folder(spark, path: str, origin: str, data: DataConfig):
 
 
 def _estimate_file_rows(url: str, fmt: str, sample_bytes: int = 1 << 20) -> int:
-    """Records in one file, estimated from its size and the newlines in its first MiB.
+    """Records in one file, estimated from its size and the newlines in its first MiB. Raises
+    line_splits.BrokenFile for a gzip file whose first MiB cannot be read.
 
     Leans high (a multi-line record counts once per line): the estimate only sizes row groups.
     For gzip the ratio is taken per compressed byte consumed, so no full decompression.
@@ -510,8 +512,13 @@ def _estimate_file_rows(url: str, fmt: str, sample_bytes: int = 1 << 20) -> int:
             sample = fh.read(sample_bytes)
             used = len(sample)
         else:
-            with gzip.GzipFile(fileobj=fh) as unz:
-                sample = unz.read(sample_bytes)
+            from dl_pipeline.line_splits import BrokenFile
+
+            try:
+                with gzip.GzipFile(fileobj=fh) as unz:
+                    sample = unz.read(sample_bytes)
+            except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+                raise BrokenFile(f"{url}: not a whole gzip file ({exc})") from None
             used = max(1, fh.tell())
     if not sample:
         return 0

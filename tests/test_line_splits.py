@@ -25,10 +25,11 @@ def _lines(split, first_number):
     for piece_numbers, piece_lines in read_lines(split, first_number):
         numbers += piece_numbers.tolist()
         lines += piece_lines
-    located = [(n.tolist(), ls, spans) for n, ls, spans in read_lines(split, first_number, located=True)]
+    located = [(n.tolist(), ls, spans, physical) for n, ls, spans, physical in read_lines(split, first_number, located=True)]
     assert [n for piece in located for n in piece[0]] == numbers and [x for p in located for x in p[1]] == lines
-    for _, piece_lines, spans in located:
+    for _, piece_lines, spans, _ in located:
         assert spans is None or read_back(split.url, spans) == piece_lines
+    assert sum(p[3] for p in located) == count_lines(split)[0]
     return numbers, lines
 
 
@@ -195,7 +196,7 @@ def test_lines_without_cr_are_located_and_read_back(tmp_path):
         got = []
         for split in plan({url: len(data)}, 1, cut):
             split = LineSplit(split.url, split.start, split.end, chunk_bytes=16)
-            for _, lines, spans in read_lines(split, 1, located=True):
+            for _, lines, spans, _ in read_lines(split, 1, located=True):
                 assert spans is not None and read_back(url, spans) == lines
                 got += lines
         assert got == ["a", "b\ufffd c", "long " * 40, "\xe9", "last"]

@@ -338,6 +338,16 @@ def test_user_errors_are_one_line(spark, tmp_path):
         prepare_dataset(spark, load_config(None, [f"data.train_path={AG_TRAIN}", "data.num_classes=4", "prepare.output_path=nosuchfs://b/x"]))
     with pytest.raises(UserError, match=r"^prepare.io=python: it reads line-mode Zhang CSV only .*; set prepare.io=auto$"):
         prepare_dataset(spark, _config(tmp_path, f"data.train_path={AG_TRAIN}", "data.multiline=true", "prepare.io=python"))
+    # a gzip file cut short, found by the row estimate (in its first MiB) or by the task reading
+    # it (past that): nothing published, nothing left behind
+    packed = gzip.compress(gzip.open(AG_TRAIN).read() * 4)
+    for keep in (50_000, len(packed) - 1000):
+        cut = tmp_path / "cut.csv.gz"
+        cut.write_bytes(packed[:keep])
+        with pytest.raises(UserError, match=r"cut.csv.gz: not a whole gzip file .*: deliver it again or move it out of the "
+                                            r"input; nothing was published$"):
+            prepare_dataset(spark, _config(tmp_path, f"data.train_path={cut}", "prepare.io=python", f"prepare.output_path={tmp_path}/cut"))
+        assert not (tmp_path / "cut" / "manifest.json").exists() and not list((tmp_path / "cut").glob("v/*/_spill"))
 
 
 def test_own_reads_and_sparks_reader_give_the_same_shards_and_rejects(spark, bad_run, tmp_path, monkeypatch):
