@@ -414,9 +414,12 @@ def _spill_lines_into(spill: Spill, split, origin: str, task: PrepareTask) -> in
         spans[[rec is not None for rec in record]] = -1  # a record of several lines keeps its text
         spill.add(origin, split.url, at[:, 0], label, reason, text, text_reason, raw, spans)
 
+    # Lines are read back (duplicates, for rejects/) from a local file only: a read a line is
+    # ~3 CPU-us there, a ranged request (or a block cache's fill) from an object store.
+    local = fsutil.local_path(split.url) is not None
     physical = 0
     for piece_numbers, piece_lines, spans, piece_physical in read_lines(split, 1, located=True):
-        located = np.full((len(piece_lines), 2), -1, np.int64) if spans is None else spans
+        located = np.full((len(piece_lines), 2), -1, np.int64) if spans is None or not local else spans
         waiting.append(np.column_stack([piece_numbers, located]))
         lines += piece_lines
         physical += piece_physical

@@ -678,3 +678,34 @@ def test_workers_of_a_session_we_start_get_the_worker_env(spark):
     seen = spark.sparkContext.parallelize(range(2), 2).map(lambda _: [os.environ.get(k) for k in keys]).collect()
     assert WORKER_ENV == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "MIMALLOC_LARGE_OS_PAGES": "1"}
     assert seen == [["glibc.malloc.hugetlb=1", "1"]] * 2
+
+
+def test_a_spilled_line_keeps_its_text_only_where_it_cannot_be_read_back(tmp_path):
+    """A spill task keeps a local file's lines as byte ranges, read back for rejects; a file on
+    another filesystem (an object store: a request a line) keeps its text."""
+    import fsspec
+    import pyarrow as pa
+
+    from dl_pipeline import features
+    from dl_pipeline.line_splits import LineSplit, read_back
+    from dl_pipeline.prepare_tasks import PrepareTask, spill_lines
+
+    data = b'"1","a title","a body"\n"2","another","row"\n\n"3","third","one"\n'
+    (tmp_path / "in.csv").write_bytes(data)
+    fsspec.filesystem("memory").pipe("/spill_test/in.csv", data)
+    cfg = _config(tmp_path)
+    for url, located in ((f"file://{tmp_path}/in.csv", True), ("memory:///spill_test/in.csv", False)):
+        task = PrepareTask(root=f"file://{tmp_path}/run-{located}", spec=features.text_spec(cfg.features, cfg.data), groups=1,
+                           seed=1, val_fraction=0.0, test_cut=0.0, num_classes=4, label_base=1, class_names=None,
+                           num_fields=3, separator=cfg.data.title_separator, max_chars=1000, reject_invalid_utf8=False)
+        report = spill_lines(LineSplit(url, 0, len(data)), "train", 0, task)
+        assert {"kind": "lines", "batch": 0, "n": 4} in report
+        rows = pa.ipc.open_file(str(tmp_path / f"run-{located}" / "_spill" / "part-00000.arrow")).read_all().sort_by("row_number")
+        assert rows.column("row_number").to_pylist() == [1, 2, 4]
+        if located:
+            assert rows.column("raw").null_count == 3
+            spans = np.column_stack([rows.column("raw_start").to_numpy(), rows.column("raw_end").to_numpy()])
+            assert read_back(url, spans) == data.decode().split("\n")[:2] + [data.decode().split("\n")[3]]
+        else:
+            assert rows.column("raw").to_pylist() == [data.decode().split("\n")[i] for i in (0, 1, 3)]
+            assert rows.column("raw_start").null_count == 3
