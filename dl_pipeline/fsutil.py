@@ -145,12 +145,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sha256_and_size(url: str) -> tuple[str, int]:
+def sha256_and_size(url: str, stop=None) -> tuple[str, int]:
+    """-> (hex SHA-256, bytes) of the file at ``url``. ``stop``: a threading.Event; once set,
+    the reading stops (InterruptedError)."""
     fs, path = fs_and_path(url)
     h = hashlib.sha256()
     size = 0
     with fs.open(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"{url}: checksum stopped")
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size

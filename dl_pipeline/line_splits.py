@@ -5,14 +5,16 @@ A split owns the lines that *start* in its byte range ``[start, end)``; a line r
 terminator, which may lie past ``end``. Terminators are ``\\n``, ``\\r\\n`` and a lone ``\\r``
 (Hadoop's ``LineReader``, hence Spark's text source; ``bytes.splitlines`` splits on exactly
 these). Row numbers are physical, 1-based and per file, blank lines included: a split's first
-number comes from the line counts of the splits before it in its file (``count_lines``).
+number comes from the line counts of the splits before it in its file (``count_lines``, or the
+counts ``read_lines(located=True)`` gives as it reads).
 
 A gzip file (named ``*.gz``, the suffix Hadoop's codec factory decompresses by) cannot be cut:
 it is one split, decompressed as a stream. Either way a split is handed on in pieces of whole
 lines (``CHUNK_BYTES``), so a task never holds the whole split. Python's ``gzip`` reads concatenated
 members as Hadoop's codec does.
 
-Driver code: ``plan``. Executor code: ``count_lines``, ``read_lines``. Splits are picklable values.
+Driver code: ``plan``. Executor code: ``count_lines``, ``read_lines``, ``read_back``. Splits are
+picklable values.
 """
 
 from __future__ import annotations
@@ -313,7 +315,7 @@ def read_back(url: str, spans) -> list[str]:
 
     from dl_pipeline import fsutil
 
-    out = [""] * len(spans)
+    out: list[bytes] = [b""] * len(spans)
     order = np.argsort(spans[:, 0], kind="stable")
     reads = zip(order.tolist(), spans[order, 0].tolist(), (spans[order, 1] - spans[order, 0]).tolist(), strict=True)
     local = fsutil.local_path(url)
@@ -321,13 +323,15 @@ def read_back(url: str, spans) -> list[str]:
         fd = os.open(local, os.O_RDONLY)
         try:
             for i, start, n in reads:
-                out[i] = os.pread(fd, n, start).decode("utf-8", "replace")
+                out[i] = os.pread(fd, n, start)
         finally:
             os.close(fd)
-        return out
-    fh, _ = _open(url)
-    with fh:
-        for i, start, n in reads:
-            fh.seek(start)
-            out[i] = fh.read(n).decode("utf-8", "replace")
-    return out
+    else:
+        fh, _ = _open(url)
+        with fh:
+            for i, start, n in reads:
+                fh.seek(start)
+                out[i] = fh.read(n)
+    if sum(map(len, out)) != int((spans[:, 1] - spans[:, 0]).sum()):
+        raise BrokenFile(f"{url}: shorter than when it was read; it changed during the run")
+    return [line.decode("utf-8", "replace") for line in out]

@@ -3,10 +3,11 @@
 Pipeline (driver code; the tasks' code is in prepare_tasks)::
 
     inputs -> spill: Python tasks read their byte ranges of line-mode Zhang CSV (or Spark reads
-              the other formats), check labels and text, write rejects/ and spill the rest by
-              row group (the rows' content and seed decide it)
-           -> write_outputs: one task per core de-duplicates each row group, splits, orders,
-              featurizes and writes train/ val/ test/ (+ rejects/ for duplicates)
+              the other formats), check labels and text, set rejects aside and spill the rest
+              by row group (the rows' content and seed decide it), all in _spill/
+           -> write_outputs: four tasks per core de-duplicate each row group, split, order,
+              featurize and write train/ val/ test/, and write rejects/ (the spill's rejects,
+              duplicates and conflicts), row numbers made whole
            -> accounting identity checked -> publish: manifest.json switched to this run's v/<run>/
 
 Every input row ends in exactly one place: a split, ``rejects/`` with a reason, or (for exact
@@ -19,8 +20,8 @@ import collections
 import json
 import logging
 import math
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dl_pipeline import dataset, features, fsutil, prepare_tasks
@@ -263,14 +264,42 @@ def _input_files(data: DataConfig) -> list[tuple[str, str]]:
     return out
 
 
-def _checksums(files: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], float]:
-    """(config key, URL) each -> the manifest's ``inputs`` (size and SHA-256 of each), seconds taken."""
-    t0 = time.time()
-    out = []
-    for key, url in files:
-        digest, size = fsutil.sha256_and_size(url)
-        out.append({"key": key, "url": url, "bytes": size, "sha256": digest})
-    return out, round(time.time() - t0, 3)
+class _Checksums:
+    """The manifest's ``inputs`` (size and SHA-256 of each (config key, URL)), computed in a
+    thread beside the passes (hashlib lets go of the GIL): read from the start, they held both
+    cores idle 2.4-3.4 s at 10M rows (2.5 GB), one core reading. A daemon thread, stopped when
+    the run fails, so a failed run neither waits for it nor exits later for it."""
+
+    def __init__(self, files: list[tuple[str, str]]):
+        self.files, self.stop = files, threading.Event()
+        self.inputs: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._run, name="checksums", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        t0 = time.time()
+        try:
+            for key, url in self.files:
+                digest, size = fsutil.sha256_and_size(url, self.stop)
+                self.inputs.append({"key": key, "url": url, "bytes": size, "sha256": digest})
+        except BaseException as exc:  # handed to result()
+            self.error = exc
+        self.seconds = round(time.time() - t0, 3)
+
+    def __enter__(self) -> _Checksums:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()  # a failed run: stop reading (a finished thread ignores it)
+
+    def result(self) -> tuple[list[dict[str, Any]], float]:
+        """-> (inputs, seconds the checksums took); raises what the thread raised."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.inputs, self.seconds
 
 
 # Byte ranges are no smaller than this (Spark's reader: spark.sql.files.openCostInBytes): a
@@ -333,26 +362,21 @@ def prepare_dataset(spark, cfg: Config) -> dict[str, Any]:
                         "install the filesystem's fsspec package (s3fs, gcsfs) on the driver and executors")
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     # One run per output at a time: two runs would each publish, and retire the other's directory.
-    with fsutil.exclusive_lock(fsutil.join(out, "_prepare.lock"), {"started": started}, f"prepare into {out}"):
-        return _prepare(spark, cfg, out)
+    with fsutil.exclusive_lock(fsutil.join(out, "_prepare.lock"), {"started": started}, f"prepare into {out}"), \
+            _Checksums(_input_files(cfg.data)) as checksums:
+        return _prepare(spark, cfg, out, checksums)
 
 
 def _refused(exc: BrokenFile) -> UserError:
     return UserError(f"{exc}: deliver it again or move it out of the input; nothing was published")
 
 
-def _prepare(spark, cfg: Config, out: str) -> dict[str, Any]:
+def _prepare(spark, cfg: Config, out: str, checksums: _Checksums) -> dict[str, Any]:
     data, spec = cfg.data, (features.text_spec(cfg.features, cfg.data) if cfg.data.kind == "text" else features.image_spec(cfg.data))
     if not data.train_path:
         raise UserError("data.train_path is not set: pass --set data.train_path=... or set it in the config file")
     timings: dict[str, float] = {}
     t0 = time.time()
-    # The inputs' checksums are computed beside the passes (hashlib lets go of the GIL): read
-    # from the start, they held both cores idle 2.4-3.4 s at 10M rows (2.5 GB), one core reading.
-    hashing = ThreadPoolExecutor(1, thread_name_prefix="checksums")
-    checksums = hashing.submit(_checksums, _input_files(data))
-    hashing.shutdown(wait=False)  # a failed run does not wait for it
-
     t = time.time()
     splits = own_io_splits(data, cfg.prepare.io, spark.sparkContext.defaultParallelism)
     raw = read_raw(spark, data) if splits is None else None

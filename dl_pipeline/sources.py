@@ -504,16 +504,14 @@ def _estimate_file_rows(url: str, fmt: str, sample_bytes: int = 1 << 20) -> int:
     if fmt == "parquet":
         with fs.open(path, "rb") as fh:
             return pq.read_metadata(fh).num_rows
+    from dl_pipeline.line_splits import BrokenFile, is_gzip
+
     size = fs.size(path)
     with fs.open(path, "rb") as fh:
-        gz = fh.read(2) == b"\x1f\x8b"
-        fh.seek(0)
-        if not gz:
+        if not is_gzip(url):  # by name, as Hadoop's codec factory (and so every reader here) decides
             sample = fh.read(sample_bytes)
             used = len(sample)
         else:
-            from dl_pipeline.line_splits import BrokenFile
-
             try:
                 with gzip.GzipFile(fileobj=fh) as unz:
                     sample = unz.read(sample_bytes)

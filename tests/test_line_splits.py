@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from dl_pipeline.line_splits import LineSplit, count_lines, plan, read_back, read_lines
+from dl_pipeline.line_splits import BrokenFile, LineSplit, count_lines, plan, read_back, read_lines
 
 PIECES = [b"a", b"bc", b" ", b"  ", b"", b"\xff", b"\xef\xbb\xbf", b"\xc3\xa9", b"\xe2\x80\xa8", b"x y", b"\x0c", b"\xc2\x85", b'"1","t","b"']
 ENDS = [b"\n", b"\r\n", b"\r", b"\n\n", b"\r\r\n", b"\n", b"\n"]
@@ -114,7 +114,6 @@ def test_a_broken_gzip_file_is_named(tmp_path):
     line before anything is written)."""
     import gzip
 
-    from dl_pipeline.line_splits import BrokenFile
 
     whole = gzip.compress(b'"1","a","b"\n' * 5000)
     cut, corrupt = tmp_path / "cut.csv.gz", tmp_path / "corrupt.csv.gz"
@@ -208,3 +207,5 @@ def test_read_back_through_fsspec_reads_the_same_ranges():
 
     fsspec.filesystem("memory").pipe("/read_back/f.csv", b"ab\ncd\n\xc3\xa9\n")
     assert read_back("memory:///read_back/f.csv", np.array([[6, 8], [0, 2], [3, 5]])) == ["\xe9", "ab", "cd"]
+    with pytest.raises(BrokenFile, match="memory:///read_back/f.csv: shorter than when it was read"):
+        read_back("memory:///read_back/f.csv", np.array([[6, 12]]))  # the file changed since

@@ -76,6 +76,23 @@ def test_every_bad_row_is_accounted_for_by_reason(bad_run):
     assert c["splits"] == {"train": 6, "val": 0, "test": 0}
 
 
+def test_manifest_records_each_input_checksum(bad_run, tmp_path):
+    """The inputs' sizes and SHA-256, computed beside the passes; a failed run stops the reading."""
+    import threading
+
+    from dl_pipeline import fsutil
+
+    tmp, manifest = bad_run
+    data = (tmp / "bad.csv").read_bytes()
+    assert manifest["inputs"] == [{"key": "data.train_path", "url": f"file://{tmp}/bad.csv", "bytes": len(data),
+                                   "sha256": hashlib.sha256(data).hexdigest()}]
+    assert manifest["timings"]["checksum_inputs_s"] >= 0
+    stopped = threading.Event()
+    stopped.set()
+    with pytest.raises(InterruptedError):
+        fsutil.sha256_and_size(f"file://{tmp}/bad.csv", stopped)
+
+
 def test_rejects_table_names_file_row_and_reason(bad_run):
     tmp, _ = bad_run
     rejects = pq.read_table(os.path.join(published(tmp / "out"), "rejects")).to_pandas()
