@@ -13,12 +13,14 @@ it is one split, decompressed as a stream. Either way a split is handed on in pi
 lines (``CHUNK_BYTES``), so a task never holds the whole split. Python's ``gzip`` reads concatenated
 members as Hadoop's codec does.
 
-Driver code: ``plan``. Executor code: ``count_lines``, ``read_lines``, ``read_back``. Splits are
-picklable values.
+Driver code: ``plan``, ``lines_before``. Executor code: ``count_lines``, ``read_lines``,
+``read_back``. Splits are picklable values.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -37,6 +39,30 @@ def is_gzip(url: str) -> bool:
 
 class BrokenFile(ValueError):
     """An input file that cannot be read as what its name says (a truncated or corrupt gzip file)."""
+
+
+@contextlib.contextmanager
+def gzip_read(url: str) -> Iterator[None]:
+    """Reading the gzip file at ``url`` inside: a stream cut short or corrupt raises BrokenFile,
+    naming the file (the one message every reader of gzip here gives)."""
+    import gzip
+    import zlib
+
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise BrokenFile(f"{url}: not a whole gzip file ({exc})") from None
+
+
+def lines_before(splits: list[LineSplit], lines: list[int]) -> list[int]:
+    """Each split's physical lines (``lines``, in the order of ``splits``) -> the lines of its
+    file before it. ``splits`` are in file order, then byte order (as ``plan`` gives them), so
+    a split's lines follow those of the splits of its file before it."""
+    before, seen = [], collections.Counter()
+    for split, n in zip(splits, lines, strict=True):
+        before.append(seen[split.url])
+        seen[split.url] += n
+    return before
 
 
 @dataclass(frozen=True)
@@ -179,9 +205,6 @@ def whole_line_chunks(split: LineSplit) -> Iterator[bytes]:
 def located_chunks(split: LineSplit) -> Iterator[tuple[int | None, bytes]]:
     """``whole_line_chunks``, each piece with the file offset of its first byte: None in a gzip
     file (an offset into its decompressed stream cannot be read back without decompressing)."""
-    import gzip
-    import zlib
-
     fh, size = _open(split.url)
     with fh:
         if not is_gzip(split.url):
@@ -189,11 +212,9 @@ def located_chunks(split: LineSplit) -> Iterator[tuple[int | None, bytes]]:
             for pos, data in _pieces(_range_blocks(fh, split, size, first), split.start == 0):
                 yield first + pos, data
             return
-        try:
+        with gzip_read(split.url):
             for _, data in _pieces(_gzip_blocks(fh, split.chunk_bytes), True):
                 yield None, data
-        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-            raise BrokenFile(f"{split.url}: not a whole gzip file ({exc})") from None
 
 
 def _physical_lines(data: bytes) -> int:

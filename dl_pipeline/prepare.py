@@ -16,7 +16,6 @@ duplicates, also kept in ``rejects/`` with reason ``duplicate``) counted as a du
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from typing import Any
 from dl_pipeline import dataset, features, fsutil, prepare_tasks
 from dl_pipeline.config import Config, DataConfig, ShardConfig
 from dl_pipeline.errors import PipelineError, UserError
-from dl_pipeline.line_splits import BrokenFile
+from dl_pipeline.line_splits import BrokenFile, lines_before
 from dl_pipeline.prepare_tasks import PrepareTask
 from dl_pipeline.sources import estimate_rows, is_line_mode, read_raw
 from dl_pipeline.spark import hadoop_delete, hadoop_path
@@ -118,10 +117,10 @@ def spill(spark, data: DataConfig, task: PrepareTask, splits: list[tuple[Any, st
     if broken:
         raise BrokenFile(broken[0])
     lines = {r["batch"]: r["n"] for r in report if r["kind"] == "lines"}
-    offsets, seen = {}, collections.Counter()
-    for i, (split, _) in enumerate(splits):  # in file order, then byte order: a split's lines follow the ones before it
-        offsets[prepare_tasks.spill_name(i)] = offsets[prepare_tasks.rejects_name(i)] = seen[split.url]
-        seen[split.url] += lines[i]
+    before = lines_before([split for split, _ in splits], [lines[i] for i in range(len(splits))])
+    offsets = {}
+    for i, n in enumerate(before):
+        offsets[prepare_tasks.spill_name(i)] = offsets[prepare_tasks.rejects_name(i)] = n
     return report, offsets
 
 
@@ -412,6 +411,7 @@ def _prepare(spark, cfg: Config, out: str, checksums: _Checksums) -> dict[str, A
     timings["total_s"] = round(time.time() - t0, 3)
     manifest = {
         "format": dataset.FORMAT,
+        "row_rules": prepare_tasks.ROW_RULES,
         "root": root,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "counts": summary["counts"],

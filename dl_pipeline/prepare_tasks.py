@@ -84,6 +84,11 @@ class PrepareTask:
 # The rules that follow the content hash
 # ---------------------------------------------------------------------------------------------
 
+# Recorded in the manifest (``row_rules``): which rows get which ids, splits, groups and places.
+# /2 (2026-12-06): from ``features.content_hashes`` (word64) through ``_mix``; /1 used Spark's
+# hash of the row. The files' layout did not change (``dataset.FORMAT``), but a dataset prepared
+# again under /2 puts rows in other val/train splits: compare models only on one rule's splits.
+ROW_RULES = "dl_pipeline.rows/2"
 _U64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _GROUP, _ORDER, _SPLIT = 1, 2, 3  # one salt each, so a row's group, place and split are independent

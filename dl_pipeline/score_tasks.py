@@ -27,7 +27,7 @@ from typing import Any
 
 from dl_pipeline import fsutil
 from dl_pipeline.errors import UserError
-from dl_pipeline.line_splits import BrokenFile, LineSplit, count_lines, is_gzip, plan, read_lines
+from dl_pipeline.line_splits import BrokenFile, LineSplit, count_lines, is_gzip, lines_before, plan, read_lines
 
 # A split is at most this many bytes (Spark's spark.sql.files.maxPartitionBytes default is
 # 128 MB). A task reads it line_splits.CHUNK_BYTES (16 MB) at a time: ~4x that in memory.
@@ -141,11 +141,7 @@ def first_numbers(spark, splits: list[LineSplit]) -> tuple[list[int], int, str |
     broken = [c[2] for c in counts if c[1] is None]
     if broken:
         return [], 0, broken[0]
-    first, seen = [], collections.Counter()
-    for i, physical, _ in counts:  # splits are in file order, then byte order: a split's first number follows
-        url = splits[i].url
-        first.append(seen[url] + 1)
-        seen[url] += physical
+    first = [n + 1 for n in lines_before(splits, [physical for _, physical, _ in counts])]
     return first, sum(records for _, _, records in counts), None
 
 

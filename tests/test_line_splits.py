@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from dl_pipeline.line_splits import BrokenFile, LineSplit, count_lines, plan, read_back, read_lines
+from dl_pipeline.line_splits import BrokenFile, LineSplit, count_lines, lines_before, plan, read_back, read_lines
 
 PIECES = [b"a", b"bc", b" ", b"  ", b"", b"\xff", b"\xef\xbb\xbf", b"\xc3\xa9", b"\xe2\x80\xa8", b"x y", b"\x0c", b"\xc2\x85", b'"1","t","b"']
 ENDS = [b"\n", b"\r\n", b"\r", b"\n\n", b"\r\r\n", b"\n", b"\n"]
@@ -70,6 +70,25 @@ def test_every_line_is_read_once_whatever_the_cuts(tmp_path, monkeypatch):
         got, physical = _read_all(f"file://{path}", len(data), rng.randint(1, 8), rng.randint(1, 7))
         assert got == _definition(data), data
         assert physical == len(data.removeprefix(b"\xef\xbb\xbf").splitlines()), data
+
+
+def test_each_split_numbers_its_lines_after_those_before_it_in_its_file(tmp_path):
+    """Several files cut into several splits each: with ``lines_before`` (the rule prepare and
+    score share) every file's lines come out numbered 1..n, in order, whatever the cuts."""
+    rng = random.Random(11)
+    for _ in range(200):
+        files = {}
+        for name in ("a.csv", "b.csv", "c.csv"):
+            data = _random_file(rng)
+            (tmp_path / name).write_bytes(data)
+            files[f"file://{tmp_path / name}"] = data
+        splits = plan({url: len(d) for url, d in files.items()}, rng.randint(1, 9), rng.randint(1, 7))
+        before = lines_before(splits, [count_lines(s)[0] for s in splits])
+        got: dict[str, list] = {url: [] for url in files}
+        for split, n in zip(splits, before, strict=True):
+            numbers, lines = _lines(split, n + 1)
+            got[split.url] += zip(numbers, lines, strict=True)
+        assert got == {url: _definition(d) for url, d in files.items()}
 
 
 @pytest.mark.parametrize("k", [65534, 65535, 65536])

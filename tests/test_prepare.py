@@ -87,6 +87,7 @@ def test_manifest_records_each_input_checksum(bad_run, tmp_path):
     assert manifest["inputs"] == [{"key": "data.train_path", "url": f"file://{tmp}/bad.csv", "bytes": len(data),
                                    "sha256": hashlib.sha256(data).hexdigest()}]
     assert manifest["timings"]["checksum_inputs_s"] >= 0
+    assert manifest["row_rules"] == "dl_pipeline.rows/2"  # which val/train split a row lands in
     stopped = threading.Event()
     stopped.set()
     with pytest.raises(InterruptedError):
