@@ -12,7 +12,8 @@ so sizes are timed on a warm JVM, as on a cluster.
 
 This VM drifts by +-10-25% over minutes, as much as the distance to the target, so --rounds N
 times the two sides N times, in turn, the first side alternating (Spark first in rounds 1, 3,
-...): the headline is the median round's ratio, and every round's ratio is printed beside it.
+...): the headline is the median of the rounds' ratios, each round's printed beside it. Each
+side of a round runs in its own process (a Spark side on a fresh JVM, as the first round's).
 
 Targets (issue 18): Spark >= 1.5x the single process at 10M rows (2x is the limit on 2 cores);
 cost per row at 10M within 1.1x of 1M; driver and executor peak memory flat in the row count.
@@ -82,19 +83,37 @@ def single_process(path: str, out: str, cfg) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def _child(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a child of this script -> the JSON document on the last line of its stdout (a JVM may
+    print there too); its stderr passes through, so a failure shows its cause."""
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def single_process_in_child(path: str, out: str) -> dict:
     """single_process in a fresh interpreter: its wall and CPU seconds and its own peak RSS."""
     env = {**os.environ, **WORKER_ENV}  # the job's workers' allocator settings, read when pyarrow loads
-    doc = subprocess.run([sys.executable, __file__, "--single-process", path, "--workdir", os.path.dirname(out)],
-                         check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(doc)
+    return _child([sys.executable, __file__, "--single-process", path, "--workdir", os.path.dirname(out)], env)
 
 
-def spark_side(args, sizes: list[int]) -> tuple[dict, dict, float]:
+def spark_side_in_child(args, sizes: list[int], master: str = "local[2]") -> tuple[dict, dict, float]:
+    """``spark_side`` in a fresh interpreter, so on a fresh JVM (pyspark keeps a stopped
+    session's JVM for the next one in the same process): every round's Spark side starts as
+    the first did, warmed only by its own warm-up, and no JVM idles beside the single process.
+    ``local[1]`` is held, JVM and all, to CPU 0 (taskset)."""
+    cmd = [*(["taskset", "-c", "0"] if master == "local[1]" else []), sys.executable, __file__, "--spark-child", master,
+           "--sizes", ",".join(map(str, sizes)), "--workdir", args.workdir, "--warmup-rows", str(args.warmup_rows),
+           "--driver-memory", args.driver_memory, "--repeats", str(args.repeats)]
+    doc = _child(cmd)
+    return {int(n): r for n, r in doc["sizes"].items()}, doc["warmup"], doc["driver_peak_rss_mb"]
+
+
+def spark_side(args, sizes: list[int], master: str = "local[2]") -> tuple[dict, dict, float]:
     """One Spark session: the untimed warm-up, then each size (``--repeats`` runs) ->
     (results by size, the warm-up, the driver's peak RSS). The session is stopped after."""
-    spark = get_spark(SparkConfig(master="local[2]", conf={"spark.sql.shuffle.partitions": "8",
+    spark = get_spark(SparkConfig(master=master, conf={"spark.sql.shuffle.partitions": "8",
                                                                  "spark.driver.memory": args.driver_memory}))
+    # The Spark session is this process's own (spark_side_in_child): its driver's peak RSS is this run's.
     results = {}
     # The first job of a fresh JVM pays class loading and JIT warm-up (~10 s here), which a
     # cluster or notebook session has long paid: a small untimed run first, reported apart.
@@ -130,17 +149,28 @@ def spark_side(args, sizes: list[int]) -> tuple[dict, dict, float]:
             results[n]["repeat_runs_s"] = [round(r, 2) for r in runs[1:]]
             results[n]["repeat_cpu_s"] = cpu[1:]
     driver_peak = peak_rss_mb()
-    spark.stop()  # the single process gets the machine to itself
+    spark.stop()
     return results, warmup, driver_peak
 
 
 def single_side(args, sizes: list[int]) -> dict:
-    """The single process on each size, each in a fresh interpreter, no JVM alive beside it."""
+    """The single process on each size, each in a fresh interpreter, no JVM alive beside it;
+    with --one-core-job, then the job itself on one core (``one_core_job``)."""
     single = {}
     for n in sizes:
         one = single_process_in_child(os.path.join(args.workdir, f"ag_{n}.csv"), os.path.join(args.workdir, "single.parquet"))
         single[n] = {**one, "rows_per_s": round(n / one["wall_s"]), "cpu_us_per_row": round(one["cpu_s"] / n * 1e6, 2)}
+    if args.one_core_job:
+        for n, r in one_core_job(args, sizes).items():
+            single[n]["job_on_one_core"] = {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "cpu_us_per_row": r["cpu_us_per_row"]}
     return single
+
+
+def one_core_job(args, sizes: list[int]) -> dict:
+    """The job itself, ``local[1]``, its JVM, driver and worker all held to CPU 0 -> results by
+    size. Against local[2] on both cores this is the job's own scaling (limit 2x): the same code
+    and work, where the single process is a leaner program of its own."""
+    return spark_side_in_child(args, sizes, "local[1]")[0]
 
 
 def main() -> None:
@@ -152,7 +182,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="rounds of (Spark session: every size; single process: every size), the two sides in turn "
                          "and the first side alternating, so the machine's slow spells fall on both; the headline "
-                         "is the median round's ratio")
+                         "is the median of the rounds' ratios")
     ap.add_argument("--repeats", type=int, default=1,
                     help="Spark runs per size in a round; the first is the round's figure (its query shape is new to "
                          "the JVM: code generation and JIT), later ones show the steady state")
@@ -160,7 +190,12 @@ def main() -> None:
                     help="the local JVM's heap (spark.driver.memory): a smaller one shows whether the heap's growth "
                          "with the rows is bounded by the heap (execution memory filled before spilling) or by the rows")
     ap.add_argument("--spark-only", action="store_true", help="skip the single-process reference")
+    ap.add_argument("--one-core-job", action="store_true",
+                    help="also time the job itself on one core (local[1] under taskset), beside the single process")
+    ap.add_argument("--spark-child", metavar="MASTER", help=argparse.SUPPRESS)  # the child of spark_side_in_child
     args = ap.parse_args()
+    if args.one_core_job and args.spark_only:
+        ap.error("--one-core-job is timed beside the single process: drop --spark-only")
     os.makedirs(args.workdir, exist_ok=True)
     if args.single_process:
         secs, cpu_secs = single_process(args.single_process, os.path.join(args.workdir, "single.parquet"),
@@ -169,13 +204,17 @@ def main() -> None:
                           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.spark_child:
+        results, warmup, driver_peak = spark_side(args, sizes, master=args.spark_child)
+        print(json.dumps({"sizes": results, "warmup": warmup, "driver_peak_rss_mb": driver_peak}))
+        return
     for n in sizes:  # made before any timing
         resampled_ag_news(n, os.path.join(args.workdir, f"ag_{n}.csv"))
     rounds = []
     for r in range(max(1, args.rounds)):
         spark_first = r % 2 == 0  # Spark, single, single, Spark, Spark, ...: a drift in time favours neither
         single = {} if args.spark_only or spark_first else single_side(args, sizes)
-        results, warmup, driver_peak = spark_side(args, sizes)
+        results, warmup, driver_peak = spark_side_in_child(args, sizes)
         if not args.spark_only and spark_first:
             single = single_side(args, sizes)
         for n in single:
@@ -196,13 +235,18 @@ def main() -> None:
     }
     if len(rounds) > 1:
         doc["later_rounds"] = rounds[1:]
-    doc["targets"] = {"want": ">= 1.5"}
+    doc["targets"] = {"spark_vs_single_process_at_largest": None, "want": ">= 1.5"}
     if first["single_process"]:
         ratios = {n: [r["single_process"][n]["spark_speedup"] for r in rounds] for n in sizes}
         doc["spark_vs_single_process_by_round"] = {n: ratios[n] for n in sizes}
         doc["spark_vs_single_process_median"] = {n: round(float(np.median(ratios[n])), 2) for n in sizes}
         doc["targets"]["spark_vs_single_process_at_largest"] = doc["spark_vs_single_process_median"][top]
         doc["targets"]["its_rounds"] = ratios[top]
+        if args.one_core_job:  # the same job on one core and on two: its own scaling
+            own = {n: [round(r["single_process"][n]["job_on_one_core"]["wall_s"] / r["sizes"][n]["wall_s"], 2) for r in rounds]
+                   for n in sizes}
+            doc["spark_vs_same_job_on_one_core_by_round"] = own
+            doc["spark_vs_same_job_on_one_core_median"] = {n: round(float(np.median(own[n])), 2) for n in sizes}
     if len(sizes) > 1:
         costs = [r["sizes"][top]["us_per_row"] / r["sizes"][base]["us_per_row"] for r in rounds]
         doc["cost_per_row_ratio_largest_vs_smallest"] = round(float(np.median(costs)), 3)

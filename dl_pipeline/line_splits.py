@@ -56,10 +56,13 @@ def gzip_read(url: str) -> Iterator[None]:
 
 def lines_before(splits: list[LineSplit], lines: list[int]) -> list[int]:
     """Each split's physical lines (``lines``, in the order of ``splits``) -> the lines of its
-    file before it. ``splits`` are in file order, then byte order (as ``plan`` gives them), so
-    a split's lines follow those of the splits of its file before it."""
-    before, seen = [], collections.Counter()
+    file before it: a split's lines follow those of its file's splits before it, so each file's
+    splits must come in byte order (``plan`` gives them so; ValueError otherwise)."""
+    before, seen, end = [], collections.Counter(), {}
     for split, n in zip(splits, lines, strict=True):
+        if split.start < end.get(split.url, 0):
+            raise ValueError(f"lines_before: {split.url}'s splits are not in byte order ({split.start} after {end[split.url]})")
+        end[split.url] = split.end
         before.append(seen[split.url])
         seen[split.url] += n
     return before

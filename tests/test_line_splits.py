@@ -89,6 +89,8 @@ def test_each_split_numbers_its_lines_after_those_before_it_in_its_file(tmp_path
             numbers, lines = _lines(split, n + 1)
             got[split.url] += zip(numbers, lines, strict=True)
         assert got == {url: _definition(d) for url, d in files.items()}
+    with pytest.raises(ValueError, match="not in byte order"):
+        lines_before([LineSplit("a", 5, 9), LineSplit("a", 0, 5)], [1, 1])
 
 
 @pytest.mark.parametrize("k", [65534, 65535, 65536])
