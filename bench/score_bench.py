@@ -262,7 +262,7 @@ def main() -> None:
     def one_process_full():
         parsed = parse_and_clean_lines(lines, 3, bundle.featurizer["cleaning"]["title_separator"], cfg.data.max_text_chars,
                                        reject_invalid_utf8=False)
-        return predict_texts(bundle, [p[3] or "" for p in parsed], 1024)
+        return predict_texts(bundle, [t or "" for t in parsed.text], 1024)
 
     c0 = time.process_time()
     one_process_full_s = statistics.median(_timed(one_process_full) for _ in range(args.repeats))

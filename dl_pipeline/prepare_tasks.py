@@ -395,29 +395,30 @@ def spill_lines(split, origin: str, index: int, task: PrepareTask) -> list[dict[
 def _spill_lines_into(spill: Spill, split, origin: str, task: PrepareTask) -> int:
     """-> the split's physical lines."""
     from dl_pipeline.line_splits import read_lines
-    from dl_pipeline.sources import CONTINUATION, LineRecords
+    from dl_pipeline.sources import CONTINUATION, LineRecords, Records
 
     records = LineRecords(task.num_fields, task.separator, task.max_chars, task.reject_invalid_utf8)
     waiting: list[np.ndarray] = []  # int64 [n, 3] per piece: row number, then the byte range (-1 when not located)
     lines: list[str] = []
 
-    def add(results: list[tuple]) -> None:
+    def add(results: Records) -> None:
         # Results answer the lines fed, in order, possibly lagging: the first len(results) waiting.
         nonlocal lines
-        if not results:
-            return
         n = len(results)
+        if not n:
+            return
         ahead = np.concatenate(waiting) if len(waiting) > 1 else waiting[0]
         waiting[:] = [ahead[n:]]
-        mine, lines, at = lines[:n], lines[n:], ahead[:n]
-        keep = [i for i, r in enumerate(results) if r[2] != CONTINUATION]
-        if len(keep) < n:
-            results, mine, at = [results[i] for i in keep], [mine[i] for i in keep], at[keep]
-        label, _, reason, text, text_reason, record = zip(*results, strict=True)
-        raw = [line if rec is None else rec for line, rec in zip(mine, record, strict=True)]
-        spans = at[:, 1:].copy()
-        spans[[rec is not None for rec in record]] = -1  # a record of several lines keeps its text
-        spill.add(origin, split.url, at[:, 0], label, reason, text, text_reason, raw, spans)
+        raw, lines, at = lines[:n], lines[n:], ahead[:n]
+        columns = [results.label, results.reason, results.text, results.text_reason]
+        spans = at[:, 1:]
+        if results.record is not None:  # records of several lines: one row each, keeping its text
+            keep = [i for i, why in enumerate(results.reason) if why != CONTINUATION]
+            columns, record, at = [[c[i] for i in keep] for c in columns], [results.record[i] for i in keep], at[keep]
+            raw = [raw[i] if rec is None else rec for i, rec in zip(keep, record, strict=True)]
+            spans = at[:, 1:].copy()
+            spans[[rec is not None for rec in record]] = -1
+        spill.add(origin, split.url, at[:, 0], *columns, raw, spans)
 
     # Lines are read back (duplicates, for rejects/) from a local file only: a read a line is
     # ~3 CPU-us there, a ranged request (or a block cache's fill) from an object store.

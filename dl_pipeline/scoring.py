@@ -91,8 +91,9 @@ def text_batch(pdf: pd.DataFrame, spec: dict[str, Any], max_chars: int, separato
     else:
         # Scoring keeps rows with undecodable bytes (as U+FFFD), as the Spark CSV path does.
         parsed = parse_and_clean_lines(pdf["raw"], num_fields, separator, max_chars, reject_invalid_utf8=False)
-        reasons, texts = [p[2] or p[4] for p in parsed], [p[3] or "" for p in parsed]
-        pdf = pdf.assign(label_raw=[p[0] for p in parsed])
+        reasons = [why or text_why for why, text_why in zip(parsed.reason, parsed.text_reason, strict=True)]
+        texts = [t or "" for t in parsed.text]
+        pdf = pdf.assign(label_raw=parsed.label)
     reasons = [r if r is not None or t else "empty_text" for r, t in zip(reasons, texts, strict=True)]
     good = [t for t, r in zip(texts, reasons, strict=True) if r is None]
     return pdf, reasons, features.featurize_texts(good, spec) if good else None

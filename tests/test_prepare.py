@@ -673,6 +673,20 @@ def test_line_mode_reads_a_record_with_line_breaks_as_one_record(spark, tmp_path
     assert row_ids(tmp_path / "out") == row_ids(tmp_path / "multiline")
 
 
+def test_a_repeated_record_of_several_lines_is_rejected_with_all_its_lines(spark, tmp_path):
+    """A kept row's raw text is read back from its byte range when it turns out a duplicate; a
+    record of several lines has no one line to read back, so it keeps its whole text."""
+    record = '"3","t","body line one\nline two"'
+    good = [f'"{1 + i % 4}","title {i}","body number {i} with words"' for i in range(40)]
+    path = tmp_path / "in.csv"
+    path.write_text("\n".join(good[:10] + [record] + good[10:] + [record, good[0]]) + "\n")
+    manifest = prepare_dataset(spark, _config(tmp_path, f"data.train_path={path}"))
+    assert (manifest["counts"]["clean_rows"], manifest["counts"]["duplicate_rows"]) == (41, 2)
+    rejects = pq.read_table(os.path.join(published(tmp_path / "out"), "rejects")).to_pandas()
+    assert sorted(zip(rejects["row_number"], rejects["reason"], rejects["raw"], strict=True)) == [
+        (43, "duplicate", record), (45, "duplicate", good[0])]
+
+
 @pytest.mark.parametrize("cut", [1, 2, 3, 4, 5])
 def test_line_records_join_across_batches_and_stop_at_a_file_end(cut):
     from dl_pipeline.sources import CONTINUATION, LineRecords
@@ -680,8 +694,8 @@ def test_line_records_join_across_batches_and_stop_at_a_file_end(cut):
     lines = ['"1","a","b"', '"2","c', 'd","e"', '"3","open', 'never closed', '"4","x","y"']
     files = ["f"] * 5 + ["g"]
     records = LineRecords(3, " ", 1000)
-    out = records.feed(files[:cut], lines[:cut]) + records.feed(files[cut:], lines[cut:]) + records.finish()
-    assert [(r[0], r[2], r[3], r[5]) for r in out] == [
+    out = [records.feed(files[:cut], lines[:cut]), records.feed(files[cut:], lines[cut:]), records.finish()]
+    assert [row for r in out for row in zip(r.label, r.reason, r.text, r.records(), strict=True)] == [
         ("1", None, "a b", None), ("2", None, "c\nd e", '"2","c\nd","e"'), (None, CONTINUATION, None, None),
         (None, "malformed_quoting", None, None), (None, "wrong_field_count", None, None), ("4", None, "x y", None)]
 

@@ -89,7 +89,7 @@ def test_every_stored_row_has_the_features_score_computes_from_its_raw_line(spar
             lines += [line.rstrip("\n") for line in fh]
     _, reasons, feats = text_batch(pd.DataFrame({"raw": lines}), spec, cfg.data.max_text_chars, cfg.data.title_separator, 3)
     parsed = parse_and_clean_lines(lines, 3, cfg.data.title_separator, cfg.data.max_text_chars, reject_invalid_utf8=False)
-    texts = [p[3] for p, r in zip(parsed, reasons, strict=True) if r is None]
+    texts = [t for t, r in zip(parsed.text, reasons, strict=True) if r is None]
     ids = row_ids(content_hashes(pa.array(texts, pa.string()))).to_pylist()
     names = ("chars", "tokens", "length", "words")
     computed = {row_id: tuple(feats[n][i].tobytes() for n in names) for i, row_id in enumerate(ids)}
