@@ -395,7 +395,7 @@ def spill_lines(split, origin: str, index: int, task: PrepareTask) -> list[dict[
 def _spill_lines_into(spill: Spill, split, origin: str, task: PrepareTask) -> int:
     """-> the split's physical lines."""
     from dl_pipeline.line_splits import read_lines
-    from dl_pipeline.sources import CONTINUATION, LineRecords, Records
+    from dl_pipeline.sources import LineRecords, Records
 
     records = LineRecords(task.num_fields, task.separator, task.max_chars, task.reject_invalid_utf8)
     waiting: list[np.ndarray] = []  # int64 [n, 3] per piece: row number, then the byte range (-1 when not located)
@@ -410,14 +410,10 @@ def _spill_lines_into(spill: Spill, split, origin: str, task: PrepareTask) -> in
         ahead = np.concatenate(waiting) if len(waiting) > 1 else waiting[0]
         waiting[:] = [ahead[n:]]
         raw, lines, at = lines[:n], lines[n:], ahead[:n]
-        columns = [results.label, results.reason, results.text, results.text_reason]
-        spans = at[:, 1:]
-        if results.record is not None:  # records of several lines: one row each, keeping its text
-            keep = [i for i, why in enumerate(results.reason) if why != CONTINUATION]
-            columns, record, at = [[c[i] for i in keep] for c in columns], [results.record[i] for i in keep], at[keep]
-            raw = [raw[i] if rec is None else rec for i, rec in zip(keep, record, strict=True)]
-            spans = at[:, 1:].copy()
-            spans[[rec is not None for rec in record]] = -1
+        if results.record is None:  # every line parsed on its own: the usual piece
+            columns, spans = [results.label, results.reason, results.text, results.text_reason], at[:, 1:]
+        else:
+            columns, raw, at, spans = _one_row_per_record(results, raw, at)
         spill.add(origin, split.url, at[:, 0], *columns, raw, spans)
 
     # Lines are read back (duplicates, for rejects/) from a local file only: a read a line is
@@ -432,6 +428,24 @@ def _spill_lines_into(spill: Spill, split, origin: str, task: PrepareTask) -> in
         add(records.feed([split.url] * len(piece_lines), piece_lines))
     add(records.finish())
     return physical
+
+
+def _one_row_per_record(results, raw: list[str], at: np.ndarray) -> tuple[list[list], list[str], np.ndarray, np.ndarray]:
+    """``sources.Records`` of m lines with a reject or a record of several lines among them, the
+    lines ``raw`` [m] and where they are ``at`` int64 [m, 3] -> (``Spill.add``'s four result
+    columns, raw records, ``at`` and byte ranges int64 [k, 2]) of the k records: a record's other
+    lines (``CONTINUATION``) leave, and a record of several lines keeps its text (there is no one
+    line to read back)."""
+    from dl_pipeline.sources import CONTINUATION
+
+    keep = [i for i, why in enumerate(results.reason) if why != CONTINUATION]
+    columns = [[c[i] for i in keep] for c in (results.label, results.reason, results.text, results.text_reason)]
+    record = [results.record[i] for i in keep]
+    raw = [raw[i] if rec is None else rec for i, rec in zip(keep, record, strict=True)]
+    at = at[keep]
+    spans = at[:, 1:].copy()
+    spans[[rec is not None for rec in record]] = -1
+    return columns, raw, at, spans
 
 
 def spill_frame(task: PrepareTask):
@@ -493,7 +507,13 @@ def decide(rows, h: np.ndarray, test: np.ndarray, labels: np.ndarray) -> np.ndar
     """A row group's spilled rows (all copies of their contents; their content hashes ``h``
     uint64 [n], whether each came from the test file ``test`` bool [n], ``labels`` int32 [n])
     -> status int8 [n]: OK, DUPLICATE or CONFLICT. Copies are rows with equal content hash and
-    origin. ``rows`` (the spilled table, chunks as read) is looked at for copies only."""
+    origin: all of them CONFLICT where their labels differ, else the first (``_first_copies``)
+    OK and the rest DUPLICATE. ``rows`` (the spilled table, chunks as read) is looked at for
+    copies only.
+
+    Column-wise, copies included: a ``min`` over each set of copies, reading their keys a
+    scalar at a time, cost ~29 CPU-us a copy, 2.7-3.2 us/row of a group where 5% of the rows
+    repeat, as 10M resampled AG News rows do (0.5% at 1M)."""
     status = np.zeros(len(h), np.int8)
     order = np.lexsort((test, h))
     hs, ts = h[order], test[order]
@@ -501,22 +521,35 @@ def decide(rows, h: np.ndarray, test: np.ndarray, labels: np.ndarray) -> np.ndar
     if not same.any():
         return status
     starts = np.flatnonzero(np.r_[True, ~same])
-    ends = np.r_[starts[1:], len(h)]
-    for lo, hi in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-        copies = order[lo:hi]
-        if labels[copies].min() != labels[copies].max():
-            status[copies] = CONFLICT
-            continue
-        status[copies] = DUPLICATE
-        status[min(copies, key=lambda i: _first_key(rows, int(i)))] = OK
+    sizes = np.diff(np.r_[starts, len(h)])
+    copied = np.repeat(sizes > 1, sizes)  # per place in order: its content has copies
+    copies, sets = order[copied], np.repeat(np.arange(len(starts)), sizes)[copied]
+    firsts = np.flatnonzero(np.r_[True, sets[1:] != sets[:-1]])  # where each set of copies starts
+    label_of_copy = labels[copies]
+    conflict = np.minimum.reduceat(label_of_copy, firsts) != np.maximum.reduceat(label_of_copy, firsts)
+    conflict = np.repeat(conflict, np.diff(np.r_[firsts, len(copies)]))
+    status[copies] = np.where(conflict, CONFLICT, DUPLICATE)
+    status[_first_copies(rows, copies[~conflict], sets[~conflict])] = OK
     return status
 
 
-def _first_key(rows, i: int) -> tuple:
-    """Which copy is kept: the first by file, then row number (none last), then raw record (where
-    spilled: a line kept as its byte range has a row number of its own in its file)."""
-    number = rows.column("row_number")[i].as_py()
-    return rows.column("source_file")[i].as_py() or "", number is None, number or 0, rows.column("raw")[i].as_py() or ""
+def _first_copies(rows, copies: np.ndarray, sets: np.ndarray) -> np.ndarray:
+    """Rows ``copies`` int [m] of ``rows``, ``sets`` int [m] (ascending: which set of copies each
+    is in) -> the row kept of each set: the first by file, then row number (none last), then raw
+    record (where spilled: a line kept as its byte range has a row number of its own in its
+    file), then place in ``copies``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not len(copies):
+        return copies
+    of = rows.select(["source_file", "row_number", "raw"]).take(pa.array(copies))
+    number = of.column("row_number")
+    keys = pa.table({"set": sets, "file": of.column("source_file").fill_null(""), "none": number.is_null(),
+                     "number": number.fill_null(0), "raw": of.column("raw").fill_null(""), "at": np.arange(len(copies))})
+    ranked = pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in keys.column_names]).to_numpy()
+    ranked_sets = sets[ranked]
+    return copies[ranked[np.r_[True, ranked_sets[1:] != ranked_sets[:-1]]]]
 
 
 def _from_test_file(rows) -> np.ndarray:

@@ -102,7 +102,8 @@ class Records:
     to parse (or ``CONTINUATION``, or None); the cleaned text (None for unparsable or rejected
     rows); ``features.check_record``'s reason, kept apart so a label error still takes
     precedence; and ``record``, the whole record's text where it spans lines (for rejects),
-    else None, or None for the whole column when no record does (the usual case).
+    else None; the column is None where every line parsed on its own (``LineRecords.feed``'s
+    usual batch), a list otherwise.
 
     Columns, not a tuple per line: the spill task hands them to Arrow as they are. A tuple per
     line (each holding its split-out fields alive until the piece was done) cost the spill pass

@@ -475,6 +475,40 @@ def test_row_groups_are_sized_by_the_data_and_near_equal():
     assert (row_groups_of(h, 42, 32) == groups).all() and not (row_groups_of(h, 43, 32) == groups).all()  # the seed's
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_copies_are_decided_as_the_rule_says_one_set_at_a_time(seed):
+    """``decide`` works on all sets of copies at once; the rule, one set at a time, in Python:
+    CONFLICT where labels differ, else the first by (file, row number with none last, raw
+    record, place) kept. Random groups with nulls, several files, both origins and ties."""
+    import pyarrow as pa
+
+    from dl_pipeline.prepare_tasks import CONFLICT, DUPLICATE, OK, decide
+
+    rng = np.random.default_rng(seed)
+    n = 3000
+    h = rng.integers(0, 400, n).astype(np.uint64)
+    test = rng.random(n) < 0.2
+    labels = rng.choice([0, 0, 0, 1], n).astype(np.int32)
+    files = [None if r < 0.05 else f"f{int(r * 3)}.csv" for r in rng.random(n)]
+    numbers = [None if r < 0.1 else int(r * 50) for r in rng.random(n)]
+    raws = [None if r < 0.5 else f"raw {int(r * 4)}" for r in rng.random(n)]
+    rows = pa.Table.from_batches(pa.table({"source_file": pa.array(files, pa.string()), "row_number": pa.array(numbers, pa.int64()),
+                                           "raw": pa.array(raws, pa.large_string())}).to_batches(max_chunksize=97))
+    expected = np.zeros(n, np.int8)
+    sets: dict = {}
+    for i in range(n):
+        sets.setdefault((int(h[i]), bool(test[i])), []).append(i)
+    for copies in (c for c in sets.values() if len(c) > 1):
+        if len({int(labels[i]) for i in copies}) > 1:
+            expected[copies] = CONFLICT
+            continue
+        expected[copies] = DUPLICATE
+        expected[min(copies, key=lambda i: (files[i] or "", numbers[i] is None, numbers[i] or 0, raws[i] or "", i))] = OK
+    status = decide(rows, h, test, labels)
+    assert (status == expected).all()
+    assert {CONFLICT, DUPLICATE, OK} <= set(status.tolist())
+
+
 def test_copies_are_decided_per_origin_the_first_by_file_and_row_kept():
     import pyarrow as pa
 
@@ -698,6 +732,20 @@ def test_line_records_join_across_batches_and_stop_at_a_file_end(cut):
     assert [row for r in out for row in zip(r.label, r.reason, r.text, r.records(), strict=True)] == [
         ("1", None, "a b", None), ("2", None, "c\nd e", '"2","c\nd","e"'), (None, CONTINUATION, None, None),
         (None, "malformed_quoting", None, None), (None, "wrong_field_count", None, None), ("4", None, "x y", None)]
+
+
+def test_the_parse_udf_gets_every_result_column_from_either_kind_of_batch():
+    """Spark's line reader hands LineRecords' results on as the UDF's frame: a batch of lines
+    that each parsed (no record column kept) and one with a record of several lines."""
+    from dl_pipeline.sources import CONTINUATION, LineRecords, _parsed_frame
+
+    records = LineRecords(3, " ", 1000)
+    usual = _parsed_frame(records.feed(["f"] * 2, ['"1","a","b"', '"2","c","d"'])).to_dict("list")
+    joined = _parsed_frame(records.feed(["f"] * 3, ['"3","e', 'f","g"', '"x"'])).to_dict("list")
+    assert usual == {"label": ["1", "2"], "reason": [None, None], "text": ["a b", "c d"], "text_reason": [None, None],
+                     "record": [None, None]}
+    assert joined == {"label": ["3", None, None], "reason": [None, CONTINUATION, "wrong_field_count"],
+                      "text": ["e\nf g", None, None], "text_reason": [None, None, None], "record": ['"3","e\nf","g"', None, None]}
 
 
 def test_workers_of_a_session_we_start_get_the_worker_env(spark):
